@@ -1,0 +1,1 @@
+"""Evaluation of exported policies in real environments, in parallel with Ray."""

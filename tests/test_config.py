@@ -1,0 +1,48 @@
+import pytest
+
+from mambadm.config import ConfigError, RunConfig, from_yaml_text, load_config, to_yaml
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["model.d_model=64", "optim.betas=[0.9,0.99]", "data.context_len=8"])
+    assert cfg.model.d_model == 64
+    assert list(cfg.optim.betas) == [0.9, 0.99]
+    assert cfg.data.context_len == 8
+    assert cfg.train.steps == RunConfig().train.steps
+
+
+def test_yaml_include_and_precedence(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  n_layer: 5\n  d_model: 96\n")
+    (tmp_path / "run.yaml").write_text("include: [base.yaml]\nmodel:\n  d_model: 32\n")
+    cfg = load_config(tmp_path / "run.yaml", ["model.n_layer=2"])
+    assert cfg.model.d_model == 32 and cfg.model.n_layer == 2
+
+
+def test_unknown_key_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  d_modle: 32\n")
+    with pytest.raises(ConfigError, match="d_modle"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(None, ["train.nope=1"])
+
+
+def test_bad_type_and_choice():
+    with pytest.raises(ConfigError, match="d_model"):
+        load_config(None, ["model.d_model=abc"])
+    with pytest.raises(ConfigError, match="fusion"):
+        load_config(None, ["model.fusion=multiply"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.d_model"])
+
+
+def test_missing_file_and_unknown_preset(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="no preset"):
+        load_config(None, ["model.size=galactic"])
+
+
+def test_saved_yaml_round_trips():
+    cfg = load_config(None, ["model.fusion=gate", "train.steps=7"])
+    again = from_yaml_text(to_yaml(cfg))
+    assert again == cfg
