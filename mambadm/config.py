@@ -111,6 +111,11 @@ class EvalConfig:
     max_episode_steps: int = 1000  # MuJoCo episode length
     mujoco_version: str = "v5"  # v5 | v4
     device: str = "cpu"
+    frame_skip: int = 4  # Atari action repeat (max-pool of the last two frames)
+    frame_padding: str = "zero"  # zero | reset: what fills the frame stack before the first frame (DT/Dopamine: zero)
+    terminal_on_life_loss: bool = False
+    full_action_space: bool = False  # False = the game's minimal action set
+    state_std_eps: float = 1e-6  # MuJoCo states: (s - mean) / (std + eps), as in Decision Transformer
 
 
 @dataclass
@@ -129,6 +134,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.mode": ("recurrent", "window"),
     "eval.mujoco_version": ("v4", "v5"),
+    "eval.frame_padding": ("zero", "reset"),
 }
 
 

@@ -1,0 +1,124 @@
+"""Training throughput on CPU: MambaDM vs the Decision Transformer at matched parameter counts, and the cost of
+streaming real shards vs reusing one in-memory batch.
+
+    python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120]
+
+Table 1: samples/s and tokens/s of full training steps (forward, loss, backward, AdamW step) on in-memory batches of
+vector (Hopper-shaped) data, the DT's width chosen so its parameter count is closest to MambaDM's; both models built
+by ``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
+loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
+memory. Every number is measured in this run, side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mambadm import data as D  # noqa: E402
+from mambadm.config import load_config  # noqa: E402
+from mambadm.export import spec_from_dict  # noqa: E402
+from mambadm.model import build_model  # noqa: E402
+from mambadm.optim import make_optimizer  # noqa: E402
+
+
+def make_shards(tmp: Path) -> Path:
+    raw, out = tmp / "raw", tmp / "shards"
+    subprocess.run([sys.executable, "data_pipeline/collect.py", "hopper", "--output", str(raw), "--transitions",
+                    "20000"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "data_pipeline/shard.py", "--source", "d4rl", "--input", str(raw), "--output",
+                    str(out), "--shard-transitions", "2000"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def matched_dt_width(mamba_params: int, base: list[str], spec) -> int:
+    """The DT d_model (multiple of n_head) whose parameter count is closest to ``mamba_params``."""
+    best = None
+    for d in range(32, 513, 4):
+        cfg = load_config(None, [*base, "model.family=dt", f"model.d_model={d}"])
+        n = build_model(cfg.model, spec).num_params()
+        if best is None or abs(n - mamba_params) < abs(best[1] - mamba_params):
+            best = (d, n)
+    return best[0]
+
+
+def step_times(model, batches, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds per training step; ``batches`` is an iterator of batches (next() is timed too)."""
+    opt = make_optimizer(model, load_config(None, []).optim)
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        loss, _ = model.loss(next(batches))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def repeat(batch):
+    while True:
+        yield batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="shard directory (default: collect and shard Hopper data into a temp dir)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8, 30, 120])
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--d-model", type=int, default=128)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
+        index = D.read_index(shards)
+        spec = spec_from_dict(index["env_spec"])
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}")
+        print("\n| K | MambaDM params | DT params (d_model) | MambaDM samples/s | DT samples/s | MambaDM tokens/s "
+              "| DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|")
+        for k in args.contexts:
+            base = [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",
+                    "data.num_workers=0", "data.rtg_scale=1000", f"model.n_layer={args.layers}", "model.dropout=0.1"]
+            cfg = load_config(None, [*base, "model.family=mambadm", f"model.d_model={args.d_model}"])
+            batch = next(iter(D.make_loader(index["shards"], index, cfg.data, 0, 1, seed=0, exact=False)))
+            mamba = build_model(cfg.model, spec)
+            d_dt = matched_dt_width(mamba.num_params(), base, spec)
+            dt = build_model(load_config(None, [*base, "model.family=dt", f"model.d_model={d_dt}"]).model, spec)
+            rate = {}
+            for name, model in (("mambadm", mamba), ("dt", dt)):
+                rate[name] = args.batch / statistics.median(step_times(model, repeat(batch), args.steps))
+            tok = 3 * k
+            print(f"| {k} | {mamba.num_params():,} | {dt.num_params():,} ({d_dt}) | {rate['mambadm']:.1f} | "
+                  f"{rate['dt']:.1f} | {rate['mambadm'] * tok:.0f} | {rate['dt'] * tok:.0f} | "
+                  f"{rate['mambadm'] / rate['dt']:.2f} |", flush=True)
+
+        k = 30
+        cfg = load_config(None, [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",
+                                 "data.num_workers=1", "data.rtg_scale=1000", f"model.n_layer={args.layers}",
+                                 f"model.d_model={args.d_model}"])
+        loader = D.make_loader(index["shards"], index, cfg.data, 0, 1, seed=1, exact=False)
+        stream = iter(loader)
+        batch = next(stream)
+        model = build_model(cfg.model, spec)
+        steps = max(args.steps, 20)
+        memory = statistics.median(step_times(model, repeat(batch), steps))
+        streamed = statistics.median(step_times(model, stream, steps))
+        print("\n| MambaDM step, K=30 | in-memory batch | streamed from real shards (1 worker) | streamed / in-memory |"
+              f"\n|---|---|---|---|\n| seconds per step | {memory:.4f} | {streamed:.4f} | {streamed / memory:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Behaviour policies for the Atari collector: scripted players mixed with epsilon-random actions."""

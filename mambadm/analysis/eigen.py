@@ -1,0 +1,212 @@
+"""Eigenvalues of the SSM state matrices A of every layer's global and local Mamba branch (the paper's Figure 4).
+
+    python -m mambadm.analysis.eigen RUN/export [--out DIR] [--delta bias|data] [--batches 1] [--threshold 0.99]
+
+In Mamba, A is diagonal per channel (d_inner × d_state real entries, A = -exp(A_log)), so its eigenvalues are its
+entries, all real and negative. The discretised transition is exp(Δ·A) with a per-token step Δ = softplus(dt_proj(x)
++ dt_bias); its entries lie in (0, 1) and say how much of the state survives one token: |exp(Δ·A)| near 1 is long
+memory (a timescale of -1 / log|λ| tokens).
+
+Δ comes from one of two sources (`--delta`):
+- `bias`: Δ = softplus(dt_bias), the input-independent part (no data needed), one Δ per channel;
+- `data`: Δ from running the model on batches of the export's own validation shards (`data.shards` in its
+  config.yaml, or `--shards`); every token of the batch gives one exp(Δ·A) per channel and state.
+
+Writes `eigen.png`, `eigen.json` (per layer and branch: shapes and statistics) and `eigen.md` into DIR (default:
+the export directory's parent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambadm.analysis.plots import atomic_write_text, eigen_figure
+from mambadm.ssm.mixer import Mamba
+
+THRESHOLDS = (0.9, 0.99, 0.999)
+DELTA_SOURCES = {"bias": "softplus(dt_bias), one Δ per channel", "data": "every token of real validation batches"}
+MAX_PLOTTED = 200_000  # discrete eigenvalues drawn per branch (a random subset beyond this)
+
+
+def _branch_of(name: str) -> str:
+    low = name.lower()
+    for branch in ("global", "local"):
+        if branch in low:
+            return branch
+    return name.rsplit(".", 1)[-1] or "mamba"
+
+
+def _layer_of(name: str) -> int:
+    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else 0
+
+
+def mamba_modules(model: nn.Module) -> list[tuple[int, str, str, Mamba]]:
+    """(layer, branch, module name, mixer) for every Mamba mixer in `model`, in module order."""
+    found = [(_layer_of(n), _branch_of(n), n, m) for n, m in model.named_modules() if isinstance(m, Mamba)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Mamba mixer (a Decision Transformer has no A matrices)")
+    return found
+
+
+@torch.no_grad()
+def eigenvalues(model: nn.Module, batches: list[dict] | None = None) -> list[dict[str, Any]]:
+    """Per mixer: continuous eigenvalues (d_inner, d_state) and exp(Δ·A) — (d_inner, d_state) from the dt bias when
+    `batches` is None, else (tokens, d_inner, d_state) over every unmasked-or-not token the mixers saw."""
+    mods = mamba_modules(model)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for _, _, n, _ in mods}
+    if batches:
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach()))
+                 for _, _, n, m in mods]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                model(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+    out = []
+    for layer, branch, name, m in mods:
+        A = m.A_continuous().float()  # (d_inner, d_state)
+        if batches:
+            if not inputs[name]:
+                raise RuntimeError(f"mixer {name} was not called by the model's forward")
+            disc = torch.cat([m.A_discrete(x).reshape(-1, *A.shape) for x in inputs[name]]).float()
+            delta = torch.cat([_delta(m, x).reshape(-1) for x in inputs[name]])
+        else:
+            delta = F.softplus(m.dt_proj.bias.float())  # (d_inner,)
+            disc = torch.exp(delta[:, None] * A)
+        out.append({"layer": layer, "branch": branch, "module": name, "continuous": A.cpu().numpy(),
+                    "discrete": disc.cpu().numpy(), "delta": delta.cpu().numpy()})
+    return out
+
+
+def _delta(m: Mamba, x: torch.Tensor) -> torch.Tensor:
+    _, _, delta, _, _ = m._ssm_inputs(x, "ref")
+    return F.softplus(delta.float() + m.dt_proj.bias.float()[:, None])
+
+
+def statistics(entry: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:
+    """Summary of one mixer's eigenvalues: shapes, ranges, Δ statistics, long-memory shares and timescales."""
+    cont, disc, delta = entry["continuous"], np.abs(entry["discrete"]), entry["delta"]
+    timescale = -1.0 / np.log(np.clip(disc, 1e-30, 1 - 1e-12))
+    return {
+        "layer": entry["layer"], "branch": entry["branch"], "module": entry["module"],
+        "continuous_shape": list(cont.shape), "discrete_shape": list(disc.shape), "n_eigenvalues": int(cont.size),
+        "A_min": float(cont.min()), "A_median": float(np.median(cont)), "A_max": float(cont.max()),
+        "delta_mean": float(delta.mean()), "delta_median": float(np.median(delta)),
+        "delta_min": float(delta.min()), "delta_max": float(delta.max()),
+        "abs_discrete_mean": float(disc.mean()), "abs_discrete_median": float(np.median(disc)),
+        "timescale_median_tokens": float(np.median(timescale)),
+        **{f"share_above_{t}": float(np.mean(disc > t)) for t in thresholds},
+    }
+
+
+def pooled_by_branch(entries: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
+    """Eigenvalues of all layers pooled per branch (discrete ones subsampled to MAX_PLOTTED for the figure)."""
+    pooled: dict[str, dict[str, list]] = {}
+    for e in entries:
+        p = pooled.setdefault(e["branch"], {"continuous": [], "discrete": []})
+        p["continuous"].append(e["continuous"].ravel())
+        p["discrete"].append(e["discrete"].ravel())
+    out = {}
+    for branch, p in pooled.items():
+        disc = np.concatenate(p["discrete"])
+        if disc.size > MAX_PLOTTED:
+            disc = rng.choice(disc, size=MAX_PLOTTED, replace=False)
+        out[branch] = {"continuous": np.concatenate(p["continuous"]), "discrete": disc}
+    return out
+
+
+def summary_markdown(stats: list[dict], source: str, delta_source: str, threshold: float) -> str:
+    lines = [f"# Eigenvalues of the A matrices: `{source}`", "",
+             f"Δ source: **{delta_source}** ({DELTA_SOURCES[delta_source]}). "
+             "Continuous A is diagonal (eigenvalues = entries, real, negative); "
+             "the discretised transition is exp(Δ·A) in (0, 1); values near 1 keep the state for long.", "",
+             "| layer | branch | eigenvalues | A range | Δ median | median |exp(ΔA)| | > 0.99 | > 0.999 | "
+             "median timescale (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s['layer']} | {s['branch']} | {s['n_eigenvalues']} | [{s['A_min']:.3g}, {s['A_max']:.3g}] | "
+                     f"{s['delta_median']:.4f} | {s['abs_discrete_median']:.4f} | {100 * s['share_above_0.99']:.1f}% | "
+                     f"{100 * s['share_above_0.999']:.1f}% | {s['timescale_median_tokens']:.1f} |")
+    by_branch: dict[str, list[dict]] = {}
+    for s in stats:
+        by_branch.setdefault(s["branch"], []).append(s)
+    lines += ["", f"Share of |exp(Δ·A)| > {threshold} per branch (mean over layers): " + ", ".join(
+        f"{b}: {100 * np.mean([s[f'share_above_{threshold}'] for s in v]):.1f}%" for b, v in by_branch.items()), ""]
+    return "\n".join(lines)
+
+
+def data_batches(cfg: Any, shards: str | None, n: int) -> list[dict]:
+    """`n` batches of the run's validation shards through the project's loader (imported only when needed)."""
+    from mambadm.data import make_loader, read_index, select_shards
+
+    data_cfg = cfg.data.copy()
+    if shards:
+        data_cfg.shards = shards
+    index = read_index(data_cfg.shards)
+    _, val = select_shards(index, data_cfg)
+    if not val:
+        raise ValueError(f"{data_cfg.shards}: the run holds out no validation shard (data.val_shards=0)")
+    batches = []
+    for batch in make_loader(val, index, data_cfg, rank=0, world_size=1, seed=0, exact=True, num_workers=0):
+        batches.append(batch)
+        if len(batches) >= n:
+            break
+    if not batches:
+        raise ValueError(f"no validation batch in {data_cfg.shards}")
+    return batches
+
+
+def analyse(model: nn.Module, out: Path, source: str, batches: list[dict] | None = None,
+            threshold: float = 0.99) -> dict[str, Any]:
+    """Computes, writes eigen.{png,json,md} into `out` and returns the JSON dict."""
+    entries = eigenvalues(model, batches)
+    stats = [statistics(e) for e in entries]
+    delta_source = "data" if batches else "bias"
+    out.mkdir(parents=True, exist_ok=True)
+    eigen_figure(pooled_by_branch(entries, np.random.default_rng(0)), out / "eigen.png", threshold)
+    result = {"source": source, "delta_source": delta_source, "threshold": threshold, "layers": stats,
+              "figure": "eigen.png"}
+    atomic_write_text(out / "eigen.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "eigen.md", summary_markdown(stats, source, delta_source, threshold))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", type=Path, help="export directory written by training (RUN/export)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the export's parent)")
+    parser.add_argument("--delta", choices=("bias", "data"), default="bias", help="where Δ comes from")
+    parser.add_argument("--shards", default=None, help="shard folder for --delta data (default: the run's data.shards)")
+    parser.add_argument("--batches", type=int, default=1, help="validation batches for --delta data")
+    parser.add_argument("--threshold", type=float, default=0.99, choices=THRESHOLDS,
+                        help="|exp(ΔA)| above this counts as long memory in the figure")
+    args = parser.parse_args(argv)
+    from mambadm.export import load_export
+
+    try:
+        model, cfg, spec, _ = load_export(args.export)
+        batches = data_batches(cfg, args.shards, args.batches) if args.delta == "data" else None
+        result = analyse(model, args.out or args.export.resolve().parent, str(args.export), batches, args.threshold)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"eigen: {e}", file=sys.stderr)
+        return 2
+    print(summary_markdown(result["layers"], result["source"], result["delta_source"], args.threshold))
+    return 0 if all(math.isfinite(s["abs_discrete_mean"]) for s in result["layers"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

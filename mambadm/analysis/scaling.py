@@ -1,0 +1,273 @@
+"""Scaling analysis of a grid's results.csv: power laws of score and validation loss vs model and dataset size.
+
+    python -m mambadm.analysis.scaling results.csv [--out DIR] [--metric score_mean] [--boot 1000]
+
+Writes into DIR (default: the CSV's folder): `scaling.png` (score and validation loss vs parameters and vs
+transitions, both families, like the paper's Figure 2), `scaling.json` (every fit with its bootstrap CI) and
+`scaling.md` (the fits as tables and the check of the paper's claim that 2x data helps more than a bigger model).
+
+Model size is the non-embedding parameter count when the CSV has it (Kaplan et al.'s convention), else all
+parameters; dataset size is the training subset's transitions (owned window starts).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mambadm.analysis.fits import FitError, fit_joint, fit_power_law
+from mambadm.analysis.plots import atomic_write_text, scaling_figure
+
+NUMERIC = ("params", "non_embedding_params", "transitions", "steps", "tokens", "flops", "final_val_loss",
+           "best_val_loss", "score_mean", "score_std", "normalized_mean", "normalized_std", "wall_time_s", "seed")
+REQUIRED = ("family", "size", "params", "transitions")
+PAPER_DATA_GAIN = 0.337  # "2x data improves Atari scores by up to 33.7%" (Cao et al. 2024)
+
+
+@dataclass
+class Point:
+    """Cells of one (family, model size, dataset size), seeds pooled."""
+
+    family: str
+    size: str
+    n: float
+    d: float
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def spread(self) -> float:
+        return float(np.std(self.values)) if len(self.values) > 1 else 0.0
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of results.csv with numeric columns as floats (empty cells -> nan); checks the required columns."""
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; has {reader.fieldnames}")
+        rows = []
+        for i, raw in enumerate(reader, start=2):
+            row = dict(raw)
+            for c in NUMERIC:
+                if c in row:
+                    try:
+                        row[c] = float(row[c]) if row[c] not in ("", None) else float("nan")
+                    except ValueError:
+                        raise ValueError(f"{path}:{i}: column '{c}' is not a number: {row[c]!r}") from None
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no result rows")
+    return rows
+
+
+def model_size_column(rows: list[dict]) -> str:
+    ok = all(math.isfinite(r.get("non_embedding_params", float("nan"))) and r["non_embedding_params"] > 0
+             for r in rows)
+    return "non_embedding_params" if ok else "params"
+
+
+def group_points(rows: list[dict], metric: str, n_col: str) -> list[Point]:
+    cells: dict[tuple, Point] = {}
+    for r in rows:
+        key = (r["family"], r["size"], r[n_col], r["transitions"])
+        p = cells.setdefault(key, Point(r["family"], r["size"], r[n_col], r["transitions"], []))
+        v = r.get(metric, float("nan"))
+        if math.isfinite(v):
+            p.values.append(v)
+    return sorted(cells.values(), key=lambda p: (p.family, p.n, p.d))
+
+
+def _fit_entry(x: list[float], y: list[float], n_boot: int) -> dict:
+    try:
+        fit = fit_power_law(x, y, n_boot=n_boot)
+    except FitError as e:
+        return {"error": str(e)}
+    return fit.to_dict() | {"gain_2x": fit.gain(2.0),
+                            "gain_2x_ci": [2.0 ** fit.exponent_ci[0] - 1, 2.0 ** fit.exponent_ci[1] - 1]}
+
+
+def power_law_fits(points: list[Point], axis: str, n_boot: int) -> list[dict]:
+    """One fit per family and per value of the other axis: metric vs `axis` ('n' or 'd') over all seeds."""
+    other = "d" if axis == "n" else "n"
+    groups: dict[tuple, list[Point]] = defaultdict(list)
+    for p in points:
+        groups[(p.family, getattr(p, other))].append(p)
+    fits = []
+    for (family, fixed), pts in sorted(groups.items()):
+        x = [getattr(p, axis) for p in pts for _ in p.values]
+        y = [v for p in pts for v in p.values]
+        fits.append({"family": family, "vs": axis, f"fixed_{other}": fixed, **_fit_entry(x, y, n_boot)})
+    return fits
+
+
+def relative_gains(points: list[Point], axis: str) -> list[dict]:
+    """Relative change of the seed-mean metric between neighbouring sizes along `axis`, the other axis fixed."""
+    other = "d" if axis == "n" else "n"
+    groups: dict[tuple, list[Point]] = defaultdict(list)
+    for p in points:
+        groups[(p.family, getattr(p, other))].append(p)
+    out = []
+    for (family, fixed), pts in sorted(groups.items()):
+        pts = sorted(pts, key=lambda p: getattr(p, axis))
+        for a, b in zip(pts, pts[1:]):
+            if not (math.isfinite(a.mean) and math.isfinite(b.mean)) or a.mean == 0:
+                continue
+            out.append({"family": family, f"fixed_{other}": fixed, "from": getattr(a, axis), "to": getattr(b, axis),
+                        "from_size": a.size, "to_size": b.size, "ratio": getattr(b, axis) / getattr(a, axis),
+                        "gain": (b.mean - a.mean) / abs(a.mean)})
+    return out
+
+
+def claim_check(points: list[Point]) -> dict:
+    """The paper's claim, measured: gains from 2x data vs gains from the next bigger model, per family."""
+    data, model = relative_gains(points, "d"), relative_gains(points, "n")
+    summary = {}
+    for family in sorted({p.family for p in points}):
+        dg = [g["gain"] for g in data if g["family"] == family]
+        mg = [g["gain"] for g in model if g["family"] == family]
+        entry = {
+            "data_gain_mean": float(np.mean(dg)) if dg else None, "data_gain_max": float(max(dg)) if dg else None,
+            "model_gain_mean": float(np.mean(mg)) if mg else None, "model_gain_max": float(max(mg)) if mg else None,
+        }
+        if dg and mg:
+            entry["data_beats_model"] = bool(np.mean(dg) > np.mean(mg))
+        summary[family] = entry
+    return {"data_steps": data, "model_steps": model, "per_family": summary, "paper_data_gain_max": PAPER_DATA_GAIN}
+
+
+def joint_fits(rows: list[dict], n_col: str, n_boot: int) -> dict:
+    out = {}
+    for family in sorted({r["family"] for r in rows}):
+        sel = [r for r in rows if r["family"] == family and math.isfinite(r.get("best_val_loss", float("nan")))]
+        try:
+            fit = fit_joint([r[n_col] for r in sel], [r["transitions"] for r in sel],
+                            [r["best_val_loss"] for r in sel], n_boot=n_boot)
+            out[family] = fit.to_dict()
+        except FitError as e:
+            out[family] = {"error": str(e)}
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.1f}%"
+
+
+def _fit_table(fits: list[dict], what: str) -> list[str]:
+    other = "transitions" if fits and "fixed_d" in fits[0] else "model size"
+    lines = [f"| family | {other} | exponent | 95% CI | gain at 2x | R² (log) | points |", "|---" * 7 + "|"]
+    for f in fits:
+        fixed = f.get("fixed_d", f.get("fixed_n"))
+        if "error" in f:
+            lines.append(f"| {f['family']} | {fixed:,.0f} | — | {f['error']} | | | |")
+            continue
+        lo, hi = f["exponent_ci"]
+        lines.append(f"| {f['family']} | {fixed:,.0f} | {f['exponent']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{_pct(f['gain_2x'])} | {f['r2']:.2f} | {f['n_points']} (+{f['n_dropped']} ≤ 0 dropped) |")
+    return [f"### {what}", ""] + lines + [""]
+
+
+def summary_markdown(result: dict) -> str:
+    m, n_col = result["metric"], result["model_size_column"]
+    lines = [f"# Scaling analysis of `{result['source']}`", "",
+             f"Metric: `{m}` (seed means where seeds repeat); model size: `{n_col}`; dataset size: `transitions`. "
+             f"{result['n_rows']} rows, families {', '.join(result['families'])}.", "",
+             "## The paper's claim: 2× data vs a bigger model", "",
+             f"Cao et al. (2024) report that 2× data improves Atari scores by up to {100 * PAPER_DATA_GAIN:.1f}% "
+             "while larger models do not help. Measured on this grid (relative change of the seed-mean metric "
+             "between neighbouring grid sizes, the other axis fixed):", "",
+             "| family | data step: mean | data step: max | bigger model: mean | bigger model: max | verdict |",
+             "|---|---|---|---|---|---|"]
+    for fam, e in result["claim"]["per_family"].items():
+        if "data_beats_model" not in e:
+            verdict = "grid too small"
+        elif e["data_beats_model"] and (e["model_gain_mean"] or 0) <= 0.05:
+            verdict = "agrees: more data helps more, bigger models ~no gain"
+        elif e["data_beats_model"]:
+            verdict = "partly: more data helps more, but bigger models help too"
+        else:
+            verdict = "disagrees: a bigger model helps at least as much as more data"
+        lines.append(f"| {fam} | {_pct(e['data_gain_mean'])} | {_pct(e['data_gain_max'])} | "
+                     f"{_pct(e['model_gain_mean'])} | {_pct(e['model_gain_max'])} | {verdict} |")
+    ratios = sorted({round(g["ratio"], 2) for g in result["claim"]["data_steps"]})
+    lines += ["", f"Data steps in this grid multiply transitions by {ratios} (2× in the paper). "
+              "Power-law gains per doubling, with bootstrap CIs, are in the tables below.", "",
+              "## Power-law fits (log space)", ""]
+    lines += _fit_table(result["fits"]["metric_vs_n"], f"`{m}` vs model size")
+    lines += _fit_table(result["fits"]["metric_vs_d"], f"`{m}` vs dataset size")
+    lines += _fit_table(result["fits"]["loss_vs_n"], "best validation loss vs model size")
+    lines += _fit_table(result["fits"]["loss_vs_d"], "best validation loss vs dataset size")
+    lines += ["## Joint fit L(N, D) = E + A/N^α + B/D^β (best validation loss)", ""]
+    for fam, j in result["fits"]["joint"].items():
+        if "error" in j:
+            lines.append(f"- {fam}: not fitted ({j['error']})")
+        else:
+            ci = j["ci"]
+            lines.append(f"- {fam}: E = {j['E']:.4g}, A = {j['A']:.4g}, α = {j['alpha']:.3f} "
+                         f"[{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}], B = {j['B']:.4g}, β = {j['beta']:.3f} "
+                         f"[{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], RMSE(log L) = {j['rmse_log']:.4f}, "
+                         f"{j['n_points']} cells")
+    lines += ["", f"Figure: `{result['figure']}`.", ""]
+    return "\n".join(lines)
+
+
+def analyse(csv_path: Path, out: Path, metric: str = "score_mean", n_boot: int = 1000) -> dict:
+    """Runs every fit, writes scaling.{json,md,png} into `out`, returns the result dict."""
+    rows = read_results(csv_path)
+    if metric not in rows[0]:
+        raise ValueError(f"{csv_path}: no column '{metric}'")
+    n_col = model_size_column(rows)
+    score_pts = group_points(rows, metric, n_col)
+    loss_pts = group_points(rows, "best_val_loss", n_col)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = out / "scaling.png"
+    result = {
+        "source": str(csv_path), "metric": metric, "model_size_column": n_col, "n_rows": len(rows),
+        "families": sorted({r["family"] for r in rows}), "figure": figure.name,
+        "fits": {
+            "metric_vs_n": power_law_fits(score_pts, "n", n_boot),
+            "metric_vs_d": power_law_fits(score_pts, "d", n_boot),
+            "loss_vs_n": power_law_fits(loss_pts, "n", n_boot), "loss_vs_d": power_law_fits(loss_pts, "d", n_boot),
+            "joint": joint_fits(rows, n_col, max(20, n_boot // 5)),
+        },
+        "claim": claim_check(score_pts),
+    }
+    scaling_figure(score_pts, loss_pts, result["fits"], metric, n_col, figure)
+    atomic_write_text(out / "scaling.json", json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write_text(out / "scaling.md", summary_markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="results.csv written by mambadm.grid")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the CSV's folder)")
+    parser.add_argument("--metric", default="score_mean", help="score column to fit (e.g. normalized_mean)")
+    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per power-law fit")
+    args = parser.parse_args(argv)
+    try:
+        result = analyse(args.results, args.out or args.results.parent, args.metric, args.boot)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"scaling: {e}", file=sys.stderr)
+        return 2
+    out = args.out or args.results.parent
+    print(summary_markdown(result))
+    print(f"wrote {out / 'scaling.md'}, {out / 'scaling.json'}, {out / result['figure']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

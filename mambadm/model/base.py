@@ -1,0 +1,142 @@
+"""What MambaDM and the Decision Transformer share: embeddings, action head, loss, window acting, counting.
+
+A subclass provides `backbone(tokens) -> hidden` ((B, T, d) -> (B, T, d), final norm included), its own per-token
+forward FLOPs (`backbone_flops_per_token`) and, where it has one, a recurrent `act`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambadm.config import EnvSpec, ModelConfig
+from mambadm.model.embeddings import ActionHead, TokenEmbedding, atari_encoder_flops
+
+BATCH_KEYS = ("rtg", "states", "actions", "timesteps")
+
+
+@dataclass
+class WindowState:
+    """The last K steps of every env (newest in the last slot) and how many of them belong to the current episode."""
+
+    rtg: Tensor  # (B, K)
+    obs: Tensor  # (B, K, *obs_shape)
+    actions: Tensor  # (B, K) or (B, K, act_dim)
+    timesteps: Tensor  # (B, K)
+    length: Tensor  # (B,) valid steps at the end of the buffers
+
+
+class DecisionModel(nn.Module):
+    """Return-conditioned sequence model over (R, s, a) tokens; subclasses supply the backbone."""
+
+    def __init__(self, cfg: ModelConfig, spec: EnvSpec) -> None:
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.embed = TokenEmbedding(spec, cfg.d_model, cfg.dropout)
+        self.head = ActionHead(spec, cfg.d_model)
+
+    # ------------------------------------------------------------------------------------------- training
+    def backbone(self, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Action predictions (B, K, act_dim) read at each step's state token."""
+        self.check_batch(batch)
+        tokens = self.embed(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])  # (B, 3K, d)
+        return self.head(self.backbone(tokens)[:, 1::3])
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Masked cross-entropy (discrete) or MSE (continuous) over the steps with mask == True."""
+        preds = self(batch)
+        mask = batch["mask"].bool()
+        target = batch["actions"][mask]
+        if self.spec.discrete:
+            loss = F.cross_entropy(preds[mask], target.long())
+            stats = {"accuracy": (preds[mask].argmax(-1) == target).float().mean().item()}
+        else:
+            loss = F.mse_loss(preds[mask], target.float())
+            stats = {}
+        return loss, {"loss": loss.item(), "steps": int(mask.sum().item()), **stats}
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """Raises ValueError naming the key and the expected vs the actual shape."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} (+ 'mask' for loss)")
+        B, K = batch["rtg"].shape[:2] if batch["rtg"].dim() == 2 else (None, None)
+        if B is None:
+            raise ValueError(f"batch['rtg'] must be (B, K), got {tuple(batch['rtg'].shape)}")
+        act = (B, K) if self.spec.discrete else (B, K, self.spec.act_dim)
+        expected = {"states": (B, K, *self.spec.obs_shape), "actions": act, "timesteps": (B, K)}
+        if "mask" in batch:
+            expected["mask"] = (B, K)
+        for key, shape in expected.items():
+            if tuple(batch[key].shape) != tuple(shape):
+                raise ValueError(f"batch['{key}'] must have shape {tuple(shape)}, got {tuple(batch[key].shape)}")
+
+    # ------------------------------------------------------------------------------------------- acting
+    def init_state(self, batch_size: int, mode: str = "window", context_len: int = 30) -> Any:
+        """Acting state for `batch_size` envs; the base class knows only mode="window" (re-run the last K steps)."""
+        if mode != "window":
+            raise ValueError(f"{type(self).__name__} acts only with mode='window', got {mode!r}")
+        p = next(self.parameters())
+        obs_dtype = torch.uint8 if self.spec.obs_kind == "atari" else torch.float32
+        act_shape = (batch_size, context_len) + (() if self.spec.discrete else (self.spec.act_dim,))
+        return WindowState(
+            rtg=torch.zeros(batch_size, context_len, device=p.device),
+            obs=torch.zeros(batch_size, context_len, *self.spec.obs_shape, dtype=obs_dtype, device=p.device),
+            actions=torch.zeros(act_shape, dtype=torch.long if self.spec.discrete else torch.float32, device=p.device),
+            timesteps=torch.zeros(batch_size, context_len, dtype=torch.long, device=p.device),
+            length=torch.zeros(batch_size, dtype=torch.long, device=p.device),
+        )
+
+    @torch.inference_mode()
+    def act(self, state: Any, rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> tuple[Tensor, Any]:
+        """preds (B, act_dim) for step t of each env; `prev_action` is a_{t-1} (ignored where t == 0)."""
+        return self.act_window(state, rtg, obs, prev_action, t)
+
+    def act_window(self, state: WindowState, rtg: Tensor, obs: Tensor, prev_action: Tensor,
+                   t: Tensor) -> tuple[Tensor, WindowState]:
+        """Appends step t to the window and re-runs `forward` on the episode's last (up to) K steps."""
+        new_episode = t == 0
+        keep = ~new_episode
+        state.actions[keep, -1] = prev_action[keep].to(state.actions.dtype)  # a_{t-1} fills the previous slot
+        for buf in (state.rtg, state.obs, state.actions, state.timesteps):
+            buf.copy_(torch.roll(buf, shifts=-1, dims=1))
+        state.rtg[:, -1] = rtg
+        state.obs[:, -1] = obs.to(state.obs.dtype)
+        state.actions[:, -1] = 0  # a_t is not known yet; causality makes its value irrelevant to the prediction
+        state.timesteps[:, -1] = t
+        K = state.rtg.shape[1]
+        state.length = torch.where(new_episode, torch.ones_like(state.length), (state.length + 1).clamp(max=K))
+        preds = torch.empty(rtg.shape[0], self.spec.act_dim, device=rtg.device)
+        for n in state.length.unique().tolist():  # one forward per distinct episode length (usually one)
+            rows = state.length == n
+            batch = {"rtg": state.rtg[rows, K - n:], "states": state.obs[rows, K - n:],
+                     "actions": state.actions[rows, K - n:], "timesteps": state.timesteps[rows, K - n:]}
+            preds[rows] = self(batch)[:, -1].float()
+        return preds, state
+
+    # ------------------------------------------------------------------------------------------- counting
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; `non_embedding` leaves out the token embedding module (R/s/a/timestep + state encoder)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - sum(p.numel() for p in self.embed.parameters()) if non_embedding else n
+
+    def backbone_flops_per_token(self, context_len: int) -> float:
+        raise NotImplementedError
+
+    def flops_per_token(self, context_len: int) -> float:
+        """Analytic training FLOPs per token (3x the forward matmul FLOPs), see docs/model.md."""
+        d, spec = self.cfg.d_model, self.spec
+        if spec.obs_kind == "atari":
+            state = atari_encoder_flops(d, spec.obs_shape[0])
+        else:
+            state = 2 * spec.obs_shape[0] * d
+        action = 0 if spec.discrete else 2 * spec.act_dim * d
+        per_step = 2 * d + state + action + 2 * d * spec.act_dim  # rtg, state, action embeddings + head
+        return 3.0 * (self.backbone_flops_per_token(context_len) + per_step / 3.0)

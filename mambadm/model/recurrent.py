@@ -1,0 +1,120 @@
+"""Lean recurrent acting for MambaDM: both mixers of a GLoMa layer stepped as one, on a leading branch axis.
+
+At one env per call the cost of a recurrent step is the number of PyTorch ops, not their size. Both branches of a
+layer read the same normed input and have the same shapes, so their weights are stacked once (`PairWeights`,
+snapshotted when the acting state is made) and every projection, the conv, the scan and the gating run once for
+both (branch 0 = global, 1 = local). The result equals `GLoMaBlock.step` (the readable per-branch path) and
+`GLoMaBlock.forward`; tests/test_model.py checks both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambadm.model.gloma import GLoMaBlock, SegmentMasks
+
+
+@dataclass
+class PairWeights:
+    """One layer's two mixers' parameters stacked on a branch axis, float32, in the layouts the step uses."""
+
+    in_w: Tensor  # (4 d_inner, d): rows [u_g, z_g, u_l, z_l]
+    in_b: Optional[Tensor]
+    conv_w: Tensor  # (2, 1, d_inner, d_conv)
+    conv_b: Tensor  # (2, 1, d_inner)
+    x_w: Tensor  # (2, d_inner, dt_rank + 2 d_state)
+    dt_w: Tensor  # (2, dt_rank, d_inner)
+    dt_b: Tensor  # (2, 1, d_inner)
+    A: Tensor  # (2, 1, d_inner, d_state)
+    D: Tensor  # (2, 1, d_inner)
+    out_w: Tensor  # (2, d_inner, d)
+    out_b: Optional[Tensor]  # (2, 1, d)
+    dt_rank: int
+    d_state: int
+
+    @staticmethod
+    @torch.no_grad()
+    def of(block: GLoMaBlock) -> "PairWeights":
+        g, l = block.global_mamba, block.local_mamba
+        both = (g, l)
+
+        def stack(fn):
+            return torch.stack([fn(m).float() for m in both]).contiguous()
+
+        return PairWeights(
+            in_w=torch.cat([g.in_proj.weight, l.in_proj.weight]).float(),
+            in_b=None if g.in_proj.bias is None else torch.cat([g.in_proj.bias, l.in_proj.bias]).float(),
+            conv_w=stack(lambda m: m.conv1d.weight[:, 0, :])[:, None],
+            conv_b=stack(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros(m.d_inner))[:, None],
+            x_w=stack(lambda m: m.x_proj.weight.t()),
+            dt_w=stack(lambda m: m.dt_proj.weight.t()),
+            dt_b=stack(lambda m: m.dt_proj.bias)[:, None],
+            A=stack(lambda m: m.A_continuous())[:, None],
+            D=stack(lambda m: m.D)[:, None],
+            out_w=stack(lambda m: m.out_proj.weight.t()),
+            out_b=None if g.out_proj.bias is None else stack(lambda m: m.out_proj.bias)[:, None],
+            dt_rank=g.dt_rank, d_state=g.d_state,
+        )
+
+
+@dataclass
+class PairCache:
+    conv: Tensor  # (B, 2, d_inner, d_conv), newest input last
+    ssm: Tensor  # (B, 2, d_inner, d_state)
+
+
+def allocate_pair_cache(block: GLoMaBlock, batch_size: int, device: torch.device) -> PairCache:
+    m = block.global_mamba
+    return PairCache(torch.zeros(batch_size, 2, m.d_inner, m.d_conv, device=device),
+                     torch.zeros(batch_size, 2, m.d_inner, m.d_state, device=device))
+
+
+def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
+                    masks: Optional[SegmentMasks]) -> tuple[Tensor, Tensor]:
+    """Both mixers over the chunk h (B, L, d) from `cache` (updated in place) -> (global, local) (B, L, d) each.
+
+    `masks` are built from starts of shape (B, 2, L).
+    """
+    B, L, _ = h.shape
+    k = cache.conv.shape[-1]
+    xz = F.linear(h.float(), w.in_w, w.in_b).view(B, L, 2, 2, -1).transpose(1, 2)  # (B, 2, L, 2, d_inner)
+    u, z = xz[:, :, :, 0], xz[:, :, :, 1]  # (B, 2, L, d_inner)
+    xs = torch.cat([cache.conv[..., 1:], u.transpose(2, 3)], dim=-1)  # (B, 2, d_inner, k - 1 + L)
+    windows = xs.unfold(-1, k, 1).transpose(2, 3)  # (B, 2, L, d_inner, k)
+    if masks is not None:
+        windows = windows * masks.conv[:, :, :, None, :]
+    u = F.silu((windows * w.conv_w).sum(-1) + w.conv_b)  # (B, 2, L, d_inner)
+    new_conv = xs[..., -k:]
+    cache.conv.copy_(new_conv * masks.conv_keep[:, :, None, :] if masks is not None else new_conv)
+
+    dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
+    delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
+    dA = torch.exp(delta[..., None] * w.A)  # (B, 2, L, d_inner, d_state)
+    if masks is not None:
+        dA = dA * masks.ssm_keep[..., None, None]
+    dBu = (delta * u)[..., None] * Bm[..., None, :]
+    states = torch.empty_like(dBu)  # h_j for every token of the chunk
+    state = cache.ssm
+    for j in range(L):
+        state = torch.addcmul(dBu[:, :, j], dA[:, :, j], state, out=states[:, :, j])
+    cache.ssm.copy_(state)
+    y = torch.matmul(states, C[..., None])[..., 0]  # (B, 2, L, d_inner): y_j = <h_j, C_j>
+    y = (y + w.D * u) * F.silu(z)
+    out = torch.einsum("bcle,ced->bcld", y, w.out_w)  # (B, 2, L, d); no weight copies per env
+    if w.out_b is not None:
+        out = out + w.out_b
+    out = out.to(h.dtype)
+    return out[:, 0], out[:, 1]
+
+
+def layer_step(block: GLoMaBlock, w: PairWeights, cache: PairCache, x: Tensor,
+               masks: Optional[SegmentMasks]) -> Tensor:
+    """One GLoMa layer over the chunk x (B, L, d): `GLoMaBlock.step` with both mixers fused."""
+    h = block.norm1(x)
+    g, l = pair_mixer_step(w, cache, h, masks)
+    x = x + block.drop1(block.fuse(g, l, h))
+    return x + block.ffn(block.norm2(x))

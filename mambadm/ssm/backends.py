@@ -1,0 +1,99 @@
+"""One entry point over the selective-scan backends, and the rule that picks one.
+
+`ref`  sequential loop (scan_ref.py), the ground truth;
+`fast` chunked pure-PyTorch scan with a hand-written backward (scan_fast.py), the CPU default;
+`cuda` mamba_ssm's fused kernel (scan_cuda.py), only when mamba_ssm imports and the tensors are on CUDA;
+`auto` cuda when available and the device is CUDA, else fast.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
+from mambadm.ssm.scan_fast import selective_scan_fast
+from mambadm.ssm.scan_ref import selective_scan_ref
+
+BACKENDS = ("auto", "ref", "fast", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run here."""
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Concrete backends that can run on `device` (default: CUDA if present, else CPU)."""
+    names = ["ref", "fast"]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and cuda_missing() is None:
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(name: str, device: torch.device | str) -> tuple[str, str]:
+    """(concrete backend, reason) for a requested name on `device`; raises if an explicit request cannot run."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKENDS}")
+    device = torch.device(device)
+    if name == "cuda":
+        missing = cuda_missing()
+        if missing is not None:
+            raise BackendUnavailableError(f"backend='cuda' requested but {missing}; use backend='fast' or 'auto'")
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f"backend='cuda' requested but the tensors are on {device}; move the module to CUDA or use 'fast'"
+            )
+        return "cuda", "requested"
+    if name != "auto":
+        return name, "requested"
+    if device.type != "cuda":
+        return "fast", f"auto: device is {device.type}"
+    missing = cuda_missing()
+    if missing is not None:
+        return "fast", f"auto: {missing}"
+    return "cuda", "auto: mamba_ssm importable and device is CUDA"
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan with mamba_ssm's `selective_scan_fn` conventions (see scan_ref.py for shapes)."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name, _ = resolve_backend(backend, u.device)
+    if name == "ref":
+        fn = selective_scan_ref
+    elif name == "fast":
+        fn = selective_scan_fast
+    else:
+        fn = selective_scan_cuda()
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
+    batch, d_inner, length = u.shape
+    if A.dim() != 2 or A.shape[0] != d_inner:
+        raise ValueError(f"A must be (d_inner={d_inner}, d_state), got shape {tuple(A.shape)}")
+    expected = {
+        "delta": (delta, (batch, d_inner, length)),
+        "B": (B, (batch, A.shape[1], length)),
+        "C": (C, (batch, A.shape[1], length)),
+        "D": (D, (d_inner,)),
+        "z": (z, (batch, d_inner, length)),
+        "delta_bias": (delta_bias, (d_inner,)),
+    }
+    for key, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {key} must have shape {shape}, got {tuple(tensor.shape)}")

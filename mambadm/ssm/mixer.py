@@ -1,0 +1,197 @@
+"""The Mamba mixer block with mamba_ssm's parameter layout, a parallel forward and an O(1) recurrent step.
+
+Parameter names, shapes and initialisation follow mamba_ssm's `Mamba` (modules/mamba_simple.py), so a state dict
+moves between the two unchanged. The selective scan runs on the backend resolved once per module (backends.py).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambadm.ssm.backends import BACKENDS, resolve_backend, selective_scan
+from mambadm.ssm.scan_cuda import causal_conv1d_cuda
+
+logger = logging.getLogger(__name__)
+_logged_choices: set[tuple[str, str, str]] = set()
+
+
+def _at_least_f32(t: Tensor) -> Tensor:
+    """float32 for low-precision tensors (the SSM parameters stay float32 under bf16), unchanged otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@dataclass
+class MambaCache:
+    """Recurrent state of one Mamba mixer for `step()`.
+
+    conv_state (batch, d_inner, d_conv): the last d_conv conv inputs, newest in the last column (mamba_ssm's order).
+    ssm_state  (batch, d_inner, d_state): the SSM hidden state h_t.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
+
+    def reset(self, index: Tensor | slice | int | None = None) -> None:
+        """Zero the state of the batch rows `index` (all rows when None), e.g. when an episode restarts."""
+        index = slice(None) if index is None else index
+        self.conv_state[index] = 0
+        self.ssm_state[index] = 0
+
+
+class Mamba(nn.Module):
+    """Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective SSM (gated by SiLU(z)) -> out_proj."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend
+        self._backend_in_use: str | None = None
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown Mamba backend {backend!r}; expected one of {BACKENDS}")
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1,
+            bias=conv_bias, **factory,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self._init_dt_proj(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # kept in float32 whatever the module dtype, as mamba_ssm does
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, floor: float) -> None:
+        """dt_proj weight ~ U(+-dt_rank^-0.5 * dt_scale); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
+        std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        log_min, log_max = math.log(dt_min), math.log(dt_max)
+        dt = torch.exp(torch.rand(self.d_inner) * (log_max - log_min) + log_min).clamp(min=floor)
+        inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_softplus_dt)
+        self.dt_proj.bias._no_reinit = True
+        self.dt_proj.bias._no_weight_decay = True
+
+    # ----------------------------------------------------------------------------------------------- backend
+    @property
+    def backend_in_use(self) -> str:
+        """The concrete backend (ref | fast | cuda), resolved on first use from `backend` and the parameters' device."""
+        if self._backend_in_use is None:
+            name, reason = resolve_backend(self.backend, self.in_proj.weight.device)
+            self._backend_in_use = name
+            key = (self.backend, name, reason)
+            log = logger.debug if key in _logged_choices else logger.info
+            _logged_choices.add(key)
+            log("Mamba mixer selective-scan backend: %s (%s)", name, reason)
+        return self._backend_in_use
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def A_continuous(self) -> Tensor:
+        """A = -exp(A_log) in float32 (float64 for a float64 module), (d_inner, d_state)."""
+        return -torch.exp(_at_least_f32(self.A_log))
+
+    def _conv(self, x: Tensor, backend: str) -> Tensor:
+        """Causal depthwise conv + SiLU over (batch, d_inner, L)."""
+        if backend == "cuda":
+            causal_conv1d_fn = causal_conv1d_cuda()
+            if causal_conv1d_fn is not None:
+                weight = self.conv1d.weight.squeeze(1)
+                return causal_conv1d_fn(x, weight, self.conv1d.bias, activation="silu")
+        return F.silu(self.conv1d(x)[..., : x.shape[-1]])
+
+    def _ssm_inputs(self, x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """From x (batch, L, d_model): u, z, delta (pre-bias), B, C in selective_scan's layouts."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects x of shape (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
+        xz = self.in_proj(x).transpose(1, 2)  # (b, 2*d_inner, L)
+        u, z = xz.chunk(2, dim=1)  # (b, d_inner, L) each
+        u = self._conv(u.contiguous(), backend)
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, L, dt_rank + 2*d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); bias added in the scan
+        return u, z, delta, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (b, d_state, L)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model)."""
+        backend = self.backend_in_use
+        u, z, delta, B, C = self._ssm_inputs(x, backend)
+        y = selective_scan(
+            u, delta, self.A_continuous(), B, C, _at_least_f32(self.D), z=z,
+            delta_bias=_at_least_f32(self.dt_proj.bias), delta_softplus=True, backend=backend,
+        )  # (b, d_inner, L)
+        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
+    def A_discrete(self, x: Tensor) -> Tensor:
+        """exp(delta * A) for input x (batch, L, d_model): (batch, L, d_inner, d_state), float32."""
+        _, _, delta, _, _ = self._ssm_inputs(x, "ref")
+        delta = F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])  # (b, d_inner, L)
+        return torch.exp(delta.transpose(1, 2)[..., None] * self.A_continuous())
+
+    # ----------------------------------------------------------------------------------------------- recurrence
+    def allocate_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MambaCache:
+        """Zero state for `step()`: conv_state in `dtype` (default: the weights'), ssm_state in float32 (float64 if asked)."""
+        weight = self.conv1d.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return MambaCache(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
+        )
+
+    def step(self, x_t: Tensor, cache: MambaCache) -> Tensor:
+        """One token: x_t (batch, d_model) -> (batch, d_model); updates `cache` in place."""
+        conv_state, ssm_state = cache.conv_state, cache.ssm_state
+        u, z = F.linear(x_t, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, d_inner) each
+        for k in range(self.d_conv - 1):  # shift left without allocating (column k <- k+1)
+            conv_state[:, :, k].copy_(conv_state[:, :, k + 1])
+        conv_state[:, :, -1].copy_(u)
+        u = torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0, :])
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ssm_state.dtype))  # (b, d_inner)
+        dA = torch.exp(dt[:, :, None] * self.A_continuous().to(ssm_state.dtype))  # (b, d_inner, d_state)
+        ssm_state.mul_(dA).add_((dt * u.to(ssm_state.dtype))[:, :, None] * B.to(ssm_state.dtype)[:, None, :])
+        y = torch.bmm(ssm_state, C.to(ssm_state.dtype)[:, :, None]).squeeze(-1)  # (b, d_inner)
+        y = (y + self.D.to(y.dtype) * u.to(y.dtype)) * F.silu(z.to(y.dtype))
+        return self.out_proj(y.to(x_t.dtype))

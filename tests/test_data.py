@@ -1,0 +1,140 @@
+"""The streaming loader on real shards (collected from real envs, written by data_pipeline/shard.py)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from mambadm import data as D
+from mambadm.checkpoint import resolve_resume
+from mambadm.config import load_config
+from tests.real_shards import real_shards
+
+
+@pytest.fixture(scope="session")
+def hopper(tmp_path_factory):
+    return real_shards(tmp_path_factory.getbasetemp(), "hopper", 3000, 300)
+
+
+@pytest.fixture(scope="session")
+def breakout(tmp_path_factory):
+    return real_shards(tmp_path_factory.getbasetemp(), "breakout", 1500, 300)
+
+
+def cfg_for(shards, *overrides):
+    return load_config(None, [f"data.shards={shards}", "data.num_workers=0", "data.batch_size=8", *overrides]).data
+
+
+def first_sample(shard_dir):
+    index = D.read_index(shard_dir)
+    raw = next(iter(wds.WebDataset(index["shards"][0]["path"], shardshuffle=False)))
+    return index, D.WindowMaker.decode(raw)
+
+
+def test_read_index_errors_name_the_file(tmp_path):
+    with pytest.raises(D.DataError, match="index.json: not found"):
+        D.read_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(D.DataError, match="missing keys"):
+        D.read_index(tmp_path)
+
+
+def test_subsets_are_nested_and_validation_is_held_out(hopper):
+    index = D.read_index(hopper)
+    small_t, small_v = D.select_shards(index, cfg_for(hopper, "data.subset_transitions=600", "data.val_shards=2"))
+    big_t, big_v = D.select_shards(index, cfg_for(hopper, "data.subset_transitions=1200", "data.val_shards=2"))
+    names = lambda shards: [s["name"] for s in shards]  # noqa: E731
+    assert names(big_t)[:len(small_t)] == names(small_t) and len(big_t) > len(small_t)
+    assert D.transitions_of(small_t) >= 600 and D.transitions_of(small_t[:-1]) < 600
+    assert names(small_v) == names(big_v) and not set(names(big_v)) & set(names(big_t))
+    all_t, _ = D.select_shards(index, cfg_for(hopper, "data.val_shards=2"))
+    assert len(all_t) == len(index["shards"]) - 2
+    other, _ = D.select_shards(index, cfg_for(hopper, "data.subset_transitions=600", "data.subset_seed=1"))
+    assert names(other) != names(small_t)  # the permutation follows the seed
+    with pytest.raises(D.DataError, match="hold only"):
+        D.select_shards(index, cfg_for(hopper, "data.subset_transitions=999999"))
+
+
+def test_vector_windows_normalised_scaled_and_padded(hopper):
+    index, chunk = first_sample(hopper)
+    cfg = cfg_for(hopper, "data.context_len=20", "data.rtg_scale=1000")
+    maker = D.WindowMaker(index, cfg)
+    meta = chunk["meta"]
+    w = maker.window(chunk, meta["own_begin"])
+    i = meta["own_begin"] - meta["begin"]
+    mean, std = np.array(index["state_mean"]), np.array(index["state_std"])
+    np.testing.assert_allclose(w["states"], (chunk["obs"][i:i + 20] - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w["rtg"], chunk["rtg"][i:i + 20] / 1000, rtol=1e-6)
+    assert w["mask"].all() and w["timesteps"][0] == meta["own_begin"]
+    # the last step of an episode: one real step, the rest padded and masked
+    samples = [D.WindowMaker.decode(s) for s in wds.WebDataset([s["path"] for s in index["shards"]],
+                                                              shardshuffle=False)]
+    last = next(c for c in samples if c["meta"]["own_end"] == c["meta"]["episode_length"])
+    w = maker.window(last, last["meta"]["own_end"] - 1)
+    assert w["mask"].tolist() == [True] + [False] * 19 and (w["states"][1:] == 0).all()
+    with pytest.raises(D.DataError, match="max_window"):
+        D.WindowMaker(index, cfg_for(hopper, "data.context_len=500"))
+
+
+def test_atari_frames_stacked_at_load_time_with_zeros_before_the_start(breakout):
+    index, chunk = first_sample(breakout)
+    assert chunk["meta"]["begin"] == 0
+    maker = D.WindowMaker(index, cfg_for(breakout, "data.context_len=8"))
+    batch = maker.collate([maker.window(chunk, 0), maker.window(chunk, 5)])
+    assert batch["states"].shape == (2, 8, 4, 84, 84) and batch["states"].dtype == torch.uint8
+    obs = torch.from_numpy(chunk["obs"])
+    assert (batch["states"][0, 0, :3] == 0).all() and torch.equal(batch["states"][0, 0, 3], obs[0])
+    for t in range(8):  # step t of the window starting at 5 stacks frames t+2 .. t+5
+        assert torch.equal(batch["states"][1, t], obs[5 + t - 3:5 + t + 1])
+    assert batch["actions"].dtype == torch.int64 and batch["mask"].all()
+
+
+def exact_windows(shards, index, cfg, rank, world, workers):
+    loader = D.make_loader(shards, index, cfg, rank, world, seed=0, exact=True, num_workers=workers)
+    return [(float(r), int(t)) for b in loader for r, t in zip(b["rtg"][:, 0], b["timesteps"][:, 0])]
+
+
+def test_exact_pass_splits_by_rank_and_worker_and_covers_every_start_once(hopper):
+    index = D.read_index(hopper)
+    cfg = cfg_for(hopper, "data.context_len=10")
+    shards = index["shards"]
+    whole = exact_windows(shards, index, cfg, 0, 1, 0)
+    assert len(whole) == D.transitions_of(shards)
+    parts = [exact_windows(shards, index, cfg, r, 2, 2) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(whole) and parts[0] and parts[1]
+    with pytest.raises(D.DataError, match="at least one shard per rank and worker"):
+        exact_windows(shards[:3], index, cfg, 0, 2, 2)
+
+
+def batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_training_stream_is_a_pure_function_of_seed_and_rank(hopper):
+    index = D.read_index(hopper)
+    cfg = cfg_for(hopper, "data.context_len=10", "data.shuffle_buffer=50")
+    make = lambda rank, seed: D.make_loader(index["shards"], index, cfg, rank, 2, seed, exact=False)  # noqa: E731
+    a, again = batches(make(0, 7), 6), batches(make(0, 7), 6)
+    for x, y in zip(a, again):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    other_rank, other_seed = batches(make(1, 7), 6), batches(make(0, 8), 6)
+    assert not torch.equal(a[0]["rtg"], other_rank[0]["rtg"])
+    assert not torch.equal(a[0]["rtg"], other_seed[0]["rtg"])
+
+
+def test_resume_ignores_tmp_and_incomplete_checkpoints(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-00000010").mkdir(parents=True)
+    (ckpts / "step-00000010" / "trainer_state.json").write_text("{}")
+    (ckpts / "step-00000020").mkdir()  # no trainer state: incomplete
+    (ckpts / "tmp-step-00000030").mkdir()
+    (ckpts / "tmp-step-00000030" / "trainer_state.json").write_text("{}")
+    assert resolve_resume(tmp_path, "auto").name == "step-00000010"
+    assert resolve_resume(tmp_path, "never") is None
+    with pytest.raises(FileNotFoundError):
+        resolve_resume(tmp_path, str(ckpts / "tmp-step-00000030"))

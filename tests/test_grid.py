@@ -1,0 +1,101 @@
+"""Grid expansion and dry-run figures on tiny real shards: cell counts, exact nested subsets, steps per rule,
+FLOPs = flops_per_token × tokens; strict grid configs."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mambadm.config as config_module
+from grid_setup import REPO, make_workspace, write_grid
+from mambadm.config import ConfigError, load_config
+from mambadm.data import read_index, select_shards, transitions_of
+from mambadm.grid_plan import TOKENS_PER_STEP, env_spec, expand, load_grid
+from mambadm.model import build_model
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("grid"))
+
+
+@pytest.fixture
+def presets(ws, monkeypatch):
+    monkeypatch.setattr(config_module, "CONFIGS_DIR", ws / "configs")
+    return ws
+
+
+def test_dry_run_cli_lists_every_cell_with_consistent_flops(ws):
+    grid = write_grid(ws / "dry.yaml", seeds="[0, 1]")
+    proc = subprocess.run([sys.executable, "-m", "mambadm.grid", str(grid), "--dry-run", "flops_per_second=1e9"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"MAMBADM_CONFIGS": str(ws / "configs")})
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("mambadm-", "dt-"))]
+    assert len(rows) == 2 * 2 * 2 * 2  # families × sizes × data sizes × seeds
+    assert "16 cells" in proc.stdout and "FLOP rate constant" in proc.stdout
+    index = read_index(ws / "shards")
+    for cell, params, non_emb, transitions, steps, batch, tokens, flops, est in rows:
+        # parameters and flops_per_token are checked against the models in-process below; here the arithmetic
+        tokens, flops = int(tokens.replace(",", "")), float(flops)
+        assert tokens == int(steps) * int(batch) * 5 * TOKENS_PER_STEP
+        assert float(est[:-1]) == pytest.approx(flops / 1e9, abs=1)
+        assert int(non_emb.replace(",", "")) < int(params.replace(",", ""))
+    requested = sorted({int(r[3].replace(",", "")) for r in rows})
+    assert len(requested) == 2 and requested[0] >= 1500 and requested[1] >= 3000
+    assert requested[1] <= transitions_of(index["shards"])
+
+
+def test_expand_matches_models_and_nested_subsets(presets):
+    ws = presets
+    grid_file = write_grid(ws / "plan.yaml")
+    cells = expand(load_grid(grid_file), grid_file, ws / "out")
+    assert [c.key for c in cells][:2] == ["mambadm-t1-t1500-s0", "mambadm-t1-t3000-s0"] and len(cells) == 8
+    index = read_index(ws / "shards")
+    for c in cells:
+        cfg = load_config(ws / "base.yaml", c.overrides)  # what the cell's training will build
+        assert cfg.model.d_model == {"t1": 16, "t2": 32}[c.size]  # the preset wins over the base's d_model
+        model = build_model(cfg.model, env_spec(index))
+        assert c.params == model.num_params() and c.non_embedding_params == model.num_params(non_embedding=True)
+        assert c.flops == pytest.approx(model.flops_per_token(5) * c.tokens)
+        train, _ = select_shards(index, cfg.data)
+        assert c.transitions == transitions_of(train)
+        assert f"train.run_dir={ws / 'out' / 'cells' / c.key / 'run'}" in c.overrides
+    small, big = (select_shards(index, load_config(ws / "base.yaml", [f"data.subset_transitions={t}"]).data)[0]
+                  for t in (1500, 3000))
+    assert {s["name"] for s in small} < {s["name"] for s in big}  # nested
+
+
+def test_step_rules(presets):
+    ws = presets
+    grid_file = write_grid(ws / "rules.yaml", step_rule="equal_epochs", epochs="2", batch_size_by_size="{t2: 4}")
+    for c in expand(load_grid(grid_file), grid_file, ws / "out"):
+        assert c.global_batch == (4 if c.size == "t2" else 8)
+        assert c.steps == math.ceil(2 * c.transitions / c.global_batch)
+    grid_file = write_grid(ws / "compute.yaml", step_rule="equal_compute", steps="40")
+    cells = expand(load_grid(grid_file), grid_file, ws / "out")
+    budget = cells[0].flops
+    assert cells[0].steps == 40
+    for c in cells:
+        per_step = c.flops_per_token * c.global_batch * 5 * TOKENS_PER_STEP
+        assert abs(c.flops - budget) <= per_step / 2 + 1e-6
+    assert len({c.steps for c in cells}) > 1  # bigger models get fewer steps
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"nope": "1"}, "nope"),
+    ({"fractions": "[0.5]"}, "exactly one of"),
+    ({"step_rule": "equal_luck"}, "step_rule"),
+    ({"seeds": "[]"}, "seeds"),
+])
+def test_bad_grid_config_is_named(ws, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_grid(ws / "bad.yaml", **fields))
+
+
+def test_dataset_too_small_is_caught_when_planning(presets):
+    ws = presets
+    grid_file = write_grid(ws / "big.yaml", transitions="[1500, 999999]")
+    with pytest.raises(ConfigError, match="999999"):
+        expand(load_grid(grid_file), grid_file, ws / "out")

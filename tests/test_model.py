@@ -1,0 +1,187 @@
+"""MambaDM and Decision Transformer: recurrent == parallel, causality, window acting, overfitting, counting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambadm.config import EnvSpec, ModelConfig
+from mambadm.model import build_model
+from mambadm.model.gloma import GLoMaBlock
+
+ATARI = EnvSpec("atari", [4, 84, 84], 4, True, 64)
+MUJOCO = EnvSpec("vector", [11], 3, False, 1000)
+DISCRETE_VECTOR = EnvSpec("vector", [5], 4, True, 100)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(family: str, spec: EnvSpec, **kw) -> torch.nn.Module:
+    cfg = ModelConfig(family=family, n_layer=2, d_model=32, d_state=8, local_window=3, n_head=2, dropout=0.0, **kw)
+    return build_model(cfg, spec).eval()
+
+
+def random_batch(spec: EnvSpec, B: int, K: int, start: int = 0) -> dict[str, torch.Tensor]:
+    if spec.obs_kind == "atari":
+        states = torch.randint(0, 256, (B, K, *spec.obs_shape), dtype=torch.uint8)
+    else:
+        states = torch.randn(B, K, *spec.obs_shape)
+    actions = torch.randint(0, spec.act_dim, (B, K)) if spec.discrete else torch.rand(B, K, spec.act_dim) * 2 - 1
+    return {"rtg": torch.randn(B, K), "states": states, "actions": actions,
+            "timesteps": torch.arange(start, start + K).repeat(B, 1), "mask": torch.ones(B, K, dtype=torch.bool)}
+
+
+def step_inputs(batch: dict[str, torch.Tensor], t: int, t_offset: int = 0):
+    """act() arguments for step t of the batch's episode (prev_action is a_{t-1}; garbage at t == 0)."""
+    prev = batch["actions"][:, t - 1] if t > 0 else batch["actions"][:, 0] + 1
+    B = batch["rtg"].shape[0]
+    return batch["rtg"][:, t], batch["states"][:, t], prev, torch.full((B,), t + t_offset, dtype=torch.long)
+
+
+def act_episode(model, batch, mode: str, K: int) -> torch.Tensor:
+    state = model.init_state(batch["rtg"].shape[0], mode=mode, context_len=K)
+    preds = []
+    for t in range(batch["rtg"].shape[1]):
+        p, state = model.act(state, *step_inputs(batch, t))
+        preds.append(p)
+    return torch.stack(preds, 1)
+
+
+# ----------------------------------------------------------------------------------------------- recurrence
+@pytest.mark.parametrize("spec", [ATARI, MUJOCO], ids=["atari", "mujoco"])
+def test_recurrent_acting_equals_forward(spec, seed):
+    model = tiny("mambadm", spec)
+    batch = random_batch(spec, B=2, K=8)  # 8 steps, windows of 3: local resets at t = 3, 6, K not a multiple
+    with torch.no_grad():
+        full = model(batch)
+    rec = act_episode(model, batch, "recurrent", K=8)
+    torch.testing.assert_close(rec, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
+def test_recurrent_per_env_episode_starts(fusion, seed):
+    """Envs at different episode steps in one call: env 1 restarts its episode (t = 0) two calls after env 0."""
+    model = tiny("mambadm", MUJOCO, fusion=fusion)
+    ep = random_batch(MUJOCO, B=2, K=7)
+    with torch.no_grad():
+        full = model(ep)
+    junk = random_batch(MUJOCO, B=2, K=2)
+    state = model.init_state(2, mode="recurrent")
+    for t in range(2):  # env 1 plays steps 5 and 6 of some older episode
+        feed = step_inputs(junk, t, t_offset=5)
+        feed[3][0] = t
+        rtg, obs, prev, tt = feed
+        rtg, obs, prev = rtg.clone(), obs.clone(), prev.clone()
+        rtg[0], obs[0], prev[0] = ep["rtg"][0, t], ep["states"][0, t], ep["actions"][0, t - 1] if t else 0
+        p, state = model.act(state, rtg, obs, prev, tt)
+        if t == 1:
+            torch.testing.assert_close(p[0], full[0, 1], atol=1e-5, rtol=0)
+    for t in range(7):  # env 1 starts its new episode now: its predictions must match a fresh forward
+        rtg, obs, prev, _ = step_inputs(ep, t)
+        p, state = model.act(state, rtg, obs, prev, torch.tensor([t + 2, t]))
+        torch.testing.assert_close(p[1], full[1, t], atol=1e-5, rtol=0)
+
+
+def test_gloma_block_step_token_by_token_equals_forward(seed):
+    block = GLoMaBlock(16, d_state=4, d_conv=4, expand=2, local_window=2, fusion="gate", ffn_mult=2,
+                       dropout=0.0).eval()
+    x = torch.randn(3, 17, 16)  # 17 tokens: windows of 6, the last one partial
+    with torch.no_grad():
+        full = block(x)
+        cache = block.allocate_cache(3)
+        steps = [block.step(x[:, i], cache, torch.full((3,), i)) for i in range(17)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("family", ["mambadm", "dt"])
+@pytest.mark.parametrize("spec", [ATARI, MUJOCO], ids=["atari", "mujoco"])
+def test_causality(family, spec, seed):
+    model = tiny(family, spec)
+    batch = random_batch(spec, B=1, K=7)
+    with torch.no_grad():
+        base = model(batch)
+        for j in (0, 2, 4, 6):
+            for key in ("rtg", "states", "actions"):
+                changed = {k: v.clone() for k, v in batch.items()}
+                if key == "states" and spec.obs_kind == "atari":
+                    changed[key][:, j] = 255 - changed[key][:, j]
+                elif key == "actions" and spec.discrete:
+                    changed[key][:, j] = (changed[key][:, j] + 1) % spec.act_dim
+                else:
+                    changed[key][:, j] = changed[key][:, j] + 3.0
+                out = model(changed)
+                last_same = j + 1 if key == "actions" else j  # a_j never informs the prediction of a_j
+                torch.testing.assert_close(out[:, :last_same], base[:, :last_same], atol=1e-6, rtol=0)
+                if last_same < 7:
+                    assert not torch.allclose(out[:, last_same:], base[:, last_same:], atol=1e-6), (key, j)
+
+
+# ----------------------------------------------------------------------------------------------- window acting
+@pytest.mark.parametrize("family", ["mambadm", "dt"])
+@pytest.mark.parametrize("spec", [ATARI, MUJOCO], ids=["atari", "mujoco"])
+def test_window_acting_equals_forward_on_last_k_steps(family, spec, seed):
+    model, K, T = tiny(family, spec), 4, 9
+    batch = random_batch(spec, B=2, K=T)
+    acted = act_episode(model, batch, "window", K=K)
+    with torch.no_grad():
+        for t in range(T):
+            lo = max(0, t - K + 1)
+            ref = model({k: v[:, lo:t + 1] for k, v in batch.items()})[:, -1]
+            torch.testing.assert_close(acted[:, t], ref, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- learning
+@pytest.mark.parametrize("family", ["mambadm", "dt"])
+@pytest.mark.parametrize("spec", [DISCRETE_VECTOR, MUJOCO], ids=["discrete", "continuous"])
+def test_tiny_model_overfits_a_fixed_batch(family, spec, seed):
+    model = tiny(family, spec).train()
+    batch = random_batch(spec, B=4, K=6)
+    batch["mask"][0, -2:] = False  # padded steps are excluded from the loss
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, stats = model.loss(batch)
+        first = first if first is not None else stats["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert stats["steps"] == 22
+    assert stats["loss"] < 0.1 * first, (first, stats["loss"])
+
+
+# ----------------------------------------------------------------------------------------------- interface
+def test_bad_batch_names_the_key():
+    model = tiny("dt", MUJOCO)
+    batch = random_batch(MUJOCO, B=2, K=3)
+    batch["states"] = batch["states"][..., :5]
+    with pytest.raises(ValueError, match=r"batch\['states'\].*\(2, 3, 11\)"):
+        model(batch)
+
+
+def test_a_matrices_per_layer_and_branch(seed):
+    model = tiny("mambadm", MUJOCO)
+    batch = random_batch(MUJOCO, B=2, K=5)
+    entries = model.a_matrices(batch)
+    assert [(e["layer"], e["branch"]) for e in entries] == [(0, "global"), (0, "local"), (1, "global"), (1, "local")]
+    for e in entries:
+        assert e["A"].shape == (64, 8) and bool((e["A"] < 0).all())
+        windows = 1 if e["branch"] == "global" else 2  # 15 tokens in windows of 9
+        assert e["A_discrete"].shape == (2 * windows, 15 if e["branch"] == "global" else 9, 64, 8)
+        assert bool(((e["A_discrete"] > 0) & (e["A_discrete"] < 1)).all())
+    assert "A_discrete" not in model.a_matrices()[0]
+
+
+def test_flops_per_token_grows_with_size_and_context():
+    small, big = tiny("dt", MUJOCO), build_model(ModelConfig(family="dt", n_layer=4, d_model=64, n_head=2), MUJOCO)
+    assert 0 < small.flops_per_token(20) < big.flops_per_token(20) < big.flops_per_token(60)
+    mdm = tiny("mambadm", ATARI)
+    assert mdm.flops_per_token(30) > tiny("mambadm", MUJOCO).flops_per_token(30) > 0  # the CNN counts
+    assert mdm.flops_per_token(30) == mdm.flops_per_token(60)  # no context term for the SSM
+    assert mdm.num_params(non_embedding=True) < mdm.num_params()

@@ -1,0 +1,141 @@
+"""The Mamba mixer: mamba_ssm's parameter layout and init, forward == recurrent steps, backend resolution."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from mambadm.config import ModelConfig
+from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, available_backends
+from mambadm.ssm.scan_cuda import cuda_missing
+
+CUDA_REASON = cuda_missing()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_state_dict_layout_matches_mamba_ssm():
+    m = Mamba(64, d_state=16, d_conv=4, expand=2)  # d_inner 128, dt_rank ceil(64 / 16) = 4
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "A_log": (128, 16),
+        "D": (128,),
+        "in_proj.weight": (256, 64),
+        "conv1d.weight": (128, 1, 4),
+        "conv1d.bias": (128,),
+        "x_proj.weight": (4 + 32, 128),
+        "dt_proj.weight": (128, 4),
+        "dt_proj.bias": (128,),
+        "out_proj.weight": (64, 128),
+    }
+    with_bias = Mamba(32, bias=True, conv_bias=False, dt_rank=3).state_dict()
+    assert "in_proj.bias" in with_bias and "out_proj.bias" in with_bias and "conv1d.bias" not in with_bias
+    assert with_bias["dt_proj.weight"].shape == (64, 3)
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay and m.dt_proj.bias._no_weight_decay
+
+
+def test_initialisation_statistics():
+    torch.manual_seed(0)
+    dt_min, dt_max, dt_scale = 2e-3, 0.05, 1.5
+    m = Mamba(256, d_state=8, dt_min=dt_min, dt_max=dt_max, dt_scale=dt_scale)
+    assert torch.equal(m.A_log, torch.log(torch.arange(1, 9, dtype=torch.float32)).repeat(512, 1))
+    assert torch.allclose(m.A_continuous(), -torch.arange(1, 9, dtype=torch.float32).repeat(512, 1), rtol=1e-6)
+    assert torch.equal(m.D, torch.ones(512))
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= dt_min * (1 - 1e-4) and dt.max() <= dt_max * (1 + 1e-4)
+    log_dt = dt.log()  # log-uniform: mean of log dt is the midpoint
+    assert abs(log_dt.mean().item() - (math.log(dt_min) + math.log(dt_max)) / 2) < 0.15
+    bound = m.dt_rank**-0.5 * dt_scale
+    w = m.dt_proj.weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    floored = Mamba(16, dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-3)
+    assert torch.allclose(torch.nn.functional.softplus(floored.dt_proj.bias), torch.full((32,), 1e-3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["ref", "fast"])
+def test_forward_equals_successive_steps(backend):
+    torch.manual_seed(1)
+    m = Mamba(24, d_state=8, backend=backend)
+    x = torch.randn(3, 21, 24)
+    with torch.no_grad():
+        y = m(x)
+        cache = m.allocate_cache(3)
+        ys = torch.stack([m.step(x[:, t], cache) for t in range(x.shape[1])], dim=1)
+    assert y.shape == ys.shape == (3, 21, 24)
+    assert (y - ys).abs().max() < 1e-5
+    assert isinstance(cache, MambaCache) and cache.conv_state.shape == (3, 48, 4) and cache.ssm_state.shape == (3, 48, 8)
+    cache.reset(torch.tensor([0, 2]))
+    assert cache.ssm_state[[0, 2]].abs().sum() == 0 and cache.ssm_state[1].abs().sum() > 0
+
+
+def test_module_grads_fast_match_ref():
+    torch.manual_seed(2)
+    ref = Mamba(32, d_state=16, backend="ref")
+    fast = Mamba(32, d_state=16, backend="fast")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 45, 32)
+    grad = torch.randn(2, 45, 32)
+    outs = []
+    for m in (ref, fast):
+        y = m(x)
+        y.backward(grad)
+        outs.append(y)
+    assert _rel(outs[1], outs[0]) < 1e-5
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        assert _rel(p_fast.grad, p_ref.grad) < 1e-4, name
+
+
+def test_A_discrete_shape_and_range():
+    torch.manual_seed(3)
+    m = Mamba(16, d_state=4)
+    a = m.A_discrete(torch.randn(2, 7, 16))
+    assert a.shape == (2, 7, 32, 4)
+    assert (a > 0).all() and (a < 1).all()
+    assert (a[..., 0] > a[..., 3]).all()  # larger |A| decays faster at init
+
+
+def test_auto_resolves_to_fast_on_cpu_logged_once(caplog):
+    cfg = ModelConfig()
+    m = Mamba(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, backend=cfg.backend)
+    with caplog.at_level(logging.DEBUG, logger="mambadm.ssm.mixer"):
+        m(torch.randn(1, 5, cfg.d_model))
+        m(torch.randn(1, 3, cfg.d_model))
+        m.step(torch.randn(1, cfg.d_model), m.allocate_cache(1))
+        assert m.backend_in_use == "fast"
+    records = [r for r in caplog.records if "backend" in r.getMessage()]
+    assert len(records) == 1 and "fast" in records[0].getMessage()
+    assert cfg.backend == "auto"  # the caller's config is never rewritten
+    assert available_backends("cpu") == ["ref", "fast"]
+
+
+def test_unavailable_or_unknown_backend_raises_clearly():
+    if CUDA_REASON is None:
+        pytest.skip("cuda backend is available here")
+    m = Mamba(16, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' requested but"):
+        m(torch.randn(1, 4, 16))
+    assert m.backend == "cuda"
+    with pytest.raises(ValueError, match="unknown Mamba backend 'triton'"):
+        Mamba(16, backend="triton")
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=f"needs CUDA and mamba_ssm: {CUDA_REASON}")
+def test_state_dict_round_trip_with_mamba_ssm():
+    from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
+
+    torch.manual_seed(4)
+    ours = Mamba(64, backend="cuda").cuda()
+    theirs = MambaSSM(64).cuda()
+    x = torch.randn(2, 40, 64, device="cuda")
+    theirs.load_state_dict(ours.state_dict())
+    assert _rel(theirs(x), ours(x)) < 1e-3
+    theirs2 = MambaSSM(64).cuda()
+    ours.load_state_dict(theirs2.state_dict())
+    assert _rel(ours(x), theirs2(x)) < 1e-3
+    fast = Mamba(64, backend="fast").cuda()
+    fast.load_state_dict(theirs2.state_dict())
+    assert _rel(fast(x), theirs2(x)) < 1e-3

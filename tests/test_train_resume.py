@@ -1,0 +1,56 @@
+"""Kill -9 in the middle of a run, rerun with resume=auto: it continues at the saved step and ends with the same
+weights as an uninterrupted run with the same seed; a tmp checkpoint is never loaded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.real_shards import ENV, REPO, metrics, real_shards, run_train, train_cmd
+
+pytestmark = pytest.mark.slow
+ARGS = ("train.steps=30", "train.ckpt_every=10", "train.val_every=10", "train.keep_last=1", "data.num_workers=1",
+        "data.val_shards=1", "train.val_batches=3")
+
+
+@pytest.fixture(scope="module")
+def hopper(tmp_path_factory):
+    return real_shards(tmp_path_factory.getbasetemp(), "hopper", 3000, 300)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(hopper, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(train_cmd(hopper, straight, *ARGS))
+
+    proc = subprocess.Popen(train_cmd(hopper, killed, *ARGS), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step-00000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "export").exists()
+    # a stale tmp checkpoint from a later step must never be loaded
+    fake = killed / "checkpoints" / "tmp-step-99999999"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "trainer_state.json").write_text(json.dumps({"step": 99999999}))
+
+    result = run_train(train_cmd(hopper, killed, *ARGS))
+    assert "resumed from" in result.stdout and "step-00000099" not in result.stdout
+    steps = [r["step"] for r in metrics(killed)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no duplicated rows from the killed run
+    a = torch.load(straight / "export" / "model.pt", weights_only=True)
+    b = torch.load(killed / "export" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert not list((killed / "checkpoints").glob("tmp-*"))
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert "step-00000030" in kept and len(kept) <= 2  # keep_last=1 plus the best
