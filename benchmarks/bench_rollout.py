@@ -1,7 +1,7 @@
 """Rollout throughput: Ray rollout actors vs one process vs gymnasium's AsyncVectorEnv; policy time per action.
 
-Part 1 — env steps per second *including* policy inference (a small untrained MambaDM acting recurrently, one
-thread per worker), on preprocessed Breakout and on Hopper:
+Part 1 — env steps per second, with uniform random actions and *including* policy inference (a small untrained
+MambaDM, 3 layers, d=128, acting recurrently, one thread per worker), on preprocessed Breakout and on Hopper:
   single process (1 env) | AsyncVectorEnv with M worker processes (policy batched over M envs in the main process) |
   Ray with M rollout actors (1 env each, each with its own policy copy), M in {1, 2}.
 Ray actors are started and warmed up before the clock starts (startup is a one-off cost per evaluation).
@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from evaluation.envs import make_env  # noqa: E402
 from evaluation.evaluate import start_ray  # noqa: E402
-from evaluation.policy import ModelPolicy  # noqa: E402
+from evaluation.policy import ModelPolicy, RandomPolicy  # noqa: E402
 from evaluation.rollout import make_tasks, run_group  # noqa: E402
 from mambadm.config import EnvSpec, EvalConfig, load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
@@ -44,7 +44,9 @@ def model_cfg(family: str, layers: int, context: int):
                                   "model.n_head=8", f"data.context_len={context}", "model.dropout=0.0"])
 
 
-def make_policy(name: str, action_space, family="mambadm", layers=3, context=30) -> ModelPolicy:
+def make_policy(name: str, action_space, family="mambadm", layers=3, context=30):
+    if family == "random":
+        return RandomPolicy(action_space)
     torch.manual_seed(0)
     cfg = model_cfg(family, layers, context)
     return ModelPolicy(build_model(cfg.model, SPECS[name]), cfg, vars(SPECS[name]), action_space, sample=True)
@@ -53,9 +55,9 @@ def make_policy(name: str, action_space, family="mambadm", layers=3, context=30)
 EVAL_CFG = OmegaConf.structured(EvalConfig)
 
 
-def steps_single(name: str, seconds: float) -> float:
+def steps_single(name: str, family: str, seconds: float) -> float:
     env = make_env(ENVS[name], EVAL_CFG)
-    policy = make_policy(name, env.action_space)
+    policy = make_policy(name, env.action_space, family)
     obs, _ = env.reset(seed=0)
     policy.start([90.0], [0])
     n, t0 = 0, time.perf_counter()
@@ -74,9 +76,9 @@ def _thunk(name: str):
     return lambda: make_env(ENVS[name], OmegaConf.structured(EvalConfig))
 
 
-def steps_async(name: str, workers: int, seconds: float) -> float:
+def steps_async(name: str, family: str, workers: int, seconds: float) -> float:
     venv = gym.vector.AsyncVectorEnv([_thunk(name) for _ in range(workers)])
-    policy = make_policy(name, venv.single_action_space)
+    policy = make_policy(name, venv.single_action_space, family)
     obs, _ = venv.reset(seed=list(range(workers)))
     policy.start([90.0] * workers, list(range(workers)))
     n, t0 = 0, time.perf_counter()
@@ -93,10 +95,10 @@ def steps_async(name: str, workers: int, seconds: float) -> float:
 
 @ray.remote(num_cpus=1)
 class ThroughputActor:
-    def __init__(self, name: str):
+    def __init__(self, name: str, family: str):
         torch.set_num_threads(1)
         self.env = make_env(ENVS[name], OmegaConf.structured(EvalConfig))
-        self.policy = make_policy(name, self.env.action_space)
+        self.policy = make_policy(name, self.env.action_space, family)
 
     def run(self, seconds: float, seed: int) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()
@@ -106,8 +108,8 @@ class ThroughputActor:
         return n, time.perf_counter() - t0
 
 
-def steps_ray(name: str, actors: int, seconds: float) -> float:
-    pool = [ThroughputActor.remote(name) for _ in range(actors)]
+def steps_ray(name: str, family: str, actors: int, seconds: float) -> float:
+    pool = [ThroughputActor.remote(name, family) for _ in range(actors)]
     ray.get([a.run.remote(0.5, i) for i, a in enumerate(pool)])  # warm: envs and policies built, code paths hot
     t0 = time.perf_counter()
     results = ray.get([a.run.remote(seconds, 1000 * i) for i, a in enumerate(pool)])
@@ -119,14 +121,14 @@ def steps_ray(name: str, actors: int, seconds: float) -> float:
 
 def part1(seconds: float) -> None:
     start_ray(num_cpus=2)
-    print("\n| env | one process | AsyncVectorEnv×1 | Ray×1 | AsyncVectorEnv×2 | Ray×2 | Ray×2 / (2·Ray×1) | "
+    print("\n| env | policy | one process | AsyncVectorEnv×1 | Ray×1 | AsyncVectorEnv×2 | Ray×2 | Ray×2 / (2·Ray×1) | "
           "Ray×2 / AsyncVectorEnv×2 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ENVS:
-        one = steps_single(name, seconds)
-        av1, r1 = steps_async(name, 1, seconds), steps_ray(name, 1, seconds)
-        av2, r2 = steps_async(name, 2, seconds), steps_ray(name, 2, seconds)
-        print(f"| {name} | {one:.0f} | {av1:.0f} | {r1:.0f} | {av2:.0f} | {r2:.0f} | {r2 / (2 * r1):.2f} | "
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, family in ((n, f) for n in ENVS for f in ("random", "mambadm")):
+        one = steps_single(name, family, seconds)
+        av1, r1 = steps_async(name, family, 1, seconds), steps_ray(name, family, 1, seconds)
+        av2, r2 = steps_async(name, family, 2, seconds), steps_ray(name, family, 2, seconds)
+        print(f"| {name} | {family} | {one:.0f} | {av1:.0f} | {r1:.0f} | {av2:.0f} | {r2:.0f} | {r2 / (2 * r1):.2f} | "
               f"{r2 / av2:.2f} |", flush=True)
     ray.shutdown()
 

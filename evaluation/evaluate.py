@@ -103,9 +103,8 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
              actor_cpus: float = 1, fault_hook: Optional[Callable[[int], None]] = None, progress: bool = True) -> dict:
     """Runs ``cfg.episodes`` episodes per target on ``cfg.actors`` actors (Ray must be initialised); returns the
     results dict written to results.json. ``cfg`` is an ``EvalConfig``."""
-    info = payload["dataset_info"]
-    eval_env = eval_env_of(info, payload.get("spec"))
-    info["eval_env"] = eval_env
+    eval_env = eval_env_of(payload["dataset_info"], payload.get("spec"))
+    payload = payload | {"dataset_info": payload["dataset_info"] | {"eval_env": eval_env}}
     targets = [float(t) for t in cfg.targets] or default_targets(eval_env)
     if cfg.episodes < 1 or cfg.actors < 1 or cfg.envs_per_actor < 1:
         raise ValueError(f"episodes, actors and envs_per_actor must be >= 1, got {cfg.episodes}, {cfg.actors}, "
@@ -135,7 +134,6 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
             e["gif"] = str(path)
     frame_stack = int(payload.get("spec", {}).get("obs_shape", [4])[0])
     mode = acting_mode(from_yaml_text(payload["config"]).model.family, cfg.mode) if payload["kind"] == "model" else "-"
-
     return {
         "checkpoint": checkpoint, "policy": payload["kind"], "env": eval_env,
         "protocol": protocol(eval_env, cfg, frame_stack) | {"mode": mode, "sample": bool(cfg.sample)},
@@ -160,6 +158,13 @@ def build_config(base: Any, args: argparse.Namespace) -> Any:
         cfg.targets = [float(t) for t in args.targets]
     if args.greedy:
         cfg.sample = False
+    if cfg.episodes < 1 or cfg.actors < 1 or cfg.envs_per_actor < 1:
+        raise SystemExit(f"evaluate: episodes, actors and envs_per_actor must be >= 1, got {cfg.episodes}, "
+                         f"{cfg.actors}, {cfg.envs_per_actor}")
+    for key, allowed in (("mode", ("recurrent", "window")), ("mujoco_version", ("v4", "v5")),
+                         ("frame_padding", ("zero", "reset"))):
+        if cfg[key] not in allowed:
+            raise SystemExit(f"evaluate: {key} must be one of {list(allowed)}, got '{cfg[key]}'")
     return cfg
 
 

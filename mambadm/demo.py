@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-GAMES = {  # collector name -> (shard source, training config)
-    "breakout": ("dqn-replay", "configs/train/breakout-demo.yaml"),
-    "hopper": ("d4rl", "configs/train/hopper-demo.yaml"),
+GAMES = {  # collector name -> (shard source, what the collector writes under --output, training config)
+    "breakout": ("dqn-replay", "Breakout", "configs/train/breakout-demo.yaml"),
+    "hopper": ("d4rl", "hopper-mixed-v2.hdf5", "configs/train/hopper-demo.yaml"),
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    source, train_config = GAMES[args.game]
+    source, collected, train_config = GAMES[args.game]
     raw, shards, run_dir = out / "raw", out / "shards", out / "run"
     py = sys.executable
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             f"collect {args.transitions} real {args.game} steps in the {source} format")
         (raw / ".complete").touch()
     if not (shards / "index.json").exists():
-        run([py, "data_pipeline/shard.py", "--source", source, "--input", str(raw), "--output", str(shards),
+        run([py, "data_pipeline/shard.py", "--source", source, "--input", str(raw / collected), "--output", str(shards),
              "--workers", "2"], "shard into WebDataset tars")
     if not (run_dir / "export" / "model.pt").exists():
         run([py, "-m", "mambadm.train", train_config, f"data.shards={shards}", f"train.run_dir={run_dir}",

@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Two cores here: keep each test process from oversubscribing them.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests use tiny models on a 2-core machine and start subprocesses (ranks, Ray workers) beside themselves: one
+# thread per process avoids oversubscription, which slows tiny-tensor work by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture

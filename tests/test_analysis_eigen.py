@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mambadm.analysis.eigen import analyse, eigenvalues
+from mambadm.analysis.eigen import analyse, eigenvalues, main
 from mambadm.config import EnvSpec, ModelConfig, load_config
 from mambadm.export import save_export
 from mambadm.grid_plan import synthetic_batch
@@ -69,9 +69,8 @@ def test_data_delta_matches_model_a_matrices(tmp_path):
     assert result["layers"][0]["discrete_shape"] == [tokens_global, 64, 8]
 
 
-def test_dt_export_is_rejected(tmp_path):
+def test_dt_export_is_rejected(tmp_path, capsys):
     cfg, model = tiny("dt")
     save_export(tmp_path / "export", model, cfg, SPEC, {"env": "hopper"})
-    proc = subprocess.run([sys.executable, "-m", "mambadm.analysis.eigen", str(tmp_path / "export")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no Mamba mixer" in proc.stderr
+    assert main([str(tmp_path / "export")]) == 2
+    assert "no Mamba mixer" in capsys.readouterr().err

@@ -57,3 +57,12 @@ def test_lockstep_group_matches_one_episode_at_a_time():
         assert a["seed"] == b["seed"] and a["length"] == b["length"] and a["return"] == pytest.approx(b["return"])
         assert a["end"] in ("terminated", "truncated") and a["length"] > 0
     assert len({r["return"] for r in together}) == 3
+
+
+def test_cli_rejects_bad_settings_before_starting_ray():
+    from evaluation.evaluate import main
+
+    for argv, message in ((["--episodes", "0"], "must be >= 1"), (["--set", "mujoco_version=v3"], "mujoco_version"),
+                          (["--set", "nosuchkey=1"], "nosuchkey")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--random-env", "hopper", *argv])

@@ -80,9 +80,10 @@ class DecisionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- acting
     def init_state(self, batch_size: int, mode: str = "window", context_len: int = 30) -> Any:
-        """Acting state for `batch_size` envs; the base class knows only mode="window" (re-run the last K steps)."""
-        if mode != "window":
-            raise ValueError(f"{type(self).__name__} acts only with mode='window', got {mode!r}")
+        """Acting state for `batch_size` envs. The base class (DT) has no recurrence: both modes re-run the last
+        `context_len` steps, so a config's eval.mode=recurrent works for either family."""
+        if mode not in ("recurrent", "window"):
+            raise ValueError(f"acting mode must be 'recurrent' or 'window', got {mode!r}")
         p = next(self.parameters())
         obs_dtype = torch.uint8 if self.spec.obs_kind == "atari" else torch.float32
         act_shape = (batch_size, context_len) + (() if self.spec.discrete else (self.spec.act_dim,))

@@ -63,7 +63,7 @@ def mamba_chunk_step(m: Mamba, x: Tensor, cache: MambaCache, masks: Optional[Seg
     if masks is not None:
         windows = windows * masks.conv[:, None]
     u = torch.einsum("bdlk,dk->bld", windows, m.conv1d.weight[:, 0, :])
-    u = F.silu(u + m.conv1d.bias if m.conv1d.bias is not None else u)  # (B, L, d_inner)
+    u = F.silu(u if m.conv1d.bias is None else u + m.conv1d.bias)  # (B, L, d_inner)
     new_conv = xs[:, :, -k:]
     cache.conv_state.copy_(new_conv * masks.conv_keep[:, None] if masks is not None else new_conv)
 

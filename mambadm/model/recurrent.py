@@ -49,7 +49,7 @@ class PairWeights:
             in_w=torch.cat([g.in_proj.weight, l.in_proj.weight]).float(),
             in_b=None if g.in_proj.bias is None else torch.cat([g.in_proj.bias, l.in_proj.bias]).float(),
             conv_w=stack(lambda m: m.conv1d.weight[:, 0, :])[:, None],
-            conv_b=stack(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros(m.d_inner))[:, None],
+            conv_b=stack(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros_like(m.D))[:, None],
             x_w=stack(lambda m: m.x_proj.weight.t()),
             dt_w=stack(lambda m: m.dt_proj.weight.t()),
             dt_b=stack(lambda m: m.dt_proj.bias)[:, None],

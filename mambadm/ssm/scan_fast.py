@@ -80,9 +80,8 @@ class _ChunkedScan(torch.autograd.Function):
         length, _, d_inner = u.shape
         d_state = A.shape[1]
         grad_y = grad_y.contiguous()
-        grads = [torch.empty_like(u), torch.empty_like(delta), torch.zeros_like(A), torch.empty_like(B),
-                 torch.empty_like(C)]
-        g_u, g_delta, g_A, g_B, g_C = grads
+        g_u, g_delta, g_B, g_C = map(torch.empty_like, (u, delta, B, C))
+        g_A = torch.zeros_like(A)
         # carry = a_{s_next} * g_{s_next}: the gradient reaching the last state of a chunk from the next one.
         carry = grad_last.clone() if grad_last is not None else torch.zeros_like(chunk_states[0])
         for i in reversed(range(chunk_states.shape[0])):
@@ -105,7 +104,7 @@ class _ChunkedScan(torch.autograd.Function):
             g_B[s:e] = torch.matmul((delta[s:e] * u[s:e])[:, :, None, :], g).squeeze(2)
             # a_t = exp(delta_t A): d a / d(delta A) = a; the state it multiplies is h_{t-1}
             g_dA = g.mul_(states[:-1]).mul_(a)  # (T, b, d, n), reuses g's memory
-            # Contractions batched over d, read through strided (d, T*b, n) views without copies.
+            # Both contractions are batched over d: read g_dA as a strided (d, T*b, n) view.
             g_dA_d = g_dA.view(-1, d_inner, d_state).transpose(0, 1)  # (d, T*b, n)
             delta_d = delta[s:e].view(-1, d_inner).t()  # (d, T*b)
             g_delta[s:e] += torch.bmm(g_dA_d, A[:, :, None]).view(d_inner, e - s, -1).permute(1, 2, 0)

@@ -64,10 +64,11 @@ def selective_scan_ref(
     delta = prepare_delta(delta, delta_bias, delta_softplus, dtype)  # (b, d, L)
     A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
     batch, d_inner, length = u.shape
-    # Time-major layouts so that each step reads one contiguous slice.
-    deltaA = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))  # (L, b, d, n)
-    deltaB_u = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u)  # (L, b, d, n)
-    C_t = C.permute(2, 0, 1)  # (L, b, n)
+    # Time-major, split once with unbind: indexing [t] in the loop would make autograd build a zero tensor of the
+    # full size per step in backward (quadratic in L); unbind's backward stacks the per-step gradients once.
+    deltaA = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A)).unbind(0)  # L x (b, d, n)
+    deltaB_u = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u).unbind(0)  # L x (b, d, n)
+    C_t = C.permute(2, 0, 1).unbind(0)  # L x (b, n)
     h = u.new_zeros(batch, d_inner, A.shape[1])
     ys = []
     for t in range(length):
