@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from omegaconf import OmegaConf
 
 from mambadm.config import ConfigError, EnvSpec, load_config, preset_path

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from mambadm.analysis.eigen import analyse, eigenvalues, main
-from mambadm.config import EnvSpec, ModelConfig, load_config
+from mambadm.config import EnvSpec, load_config
 from mambadm.export import save_export
 from mambadm.grid_plan import synthetic_batch
 from mambadm.model import build_model
