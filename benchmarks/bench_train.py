@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--shards", help="shard directory (default: collect and shard Hopper data into a temp dir)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--contexts", type=int, nargs="+", default=[8, 30, 120])
+    p.add_argument("--contexts", type=int, nargs="*", default=[8, 30, 120], help="none: only table 2")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--d-model", type=int, default=128)
     args = p.parse_args()
@@ -87,7 +87,8 @@ def main() -> None:
         index = D.read_index(shards)
         spec = spec_from_dict(index["env_spec"])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}")
-        print("\n| K | MambaDM params | DT params (d_model) | MambaDM samples/s | DT samples/s | MambaDM tokens/s "
+        if args.contexts:
+            print("\n| K | MambaDM params | DT params (d_model) | MambaDM samples/s | DT samples/s | MambaDM tokens/s "
               "| DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|")
         for k in args.contexts:
             base = [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",

@@ -77,7 +77,8 @@ def _run_logged(cmd: list[str], log: Path, cell: str, stage: str) -> float:
 
 
 def run_summary(metrics: Path) -> dict[str, float]:
-    """From a run's metrics.jsonl: final and best `val_loss`, and the `tokens_seen` / `flops` of the last row
+    """From a run's metrics.jsonl: final and best `val_loss` after step 0 (the untrained model's validation is not a
+    result), and the `tokens_seen` / `flops` of the last row
     (training counts unpadded steps only, so these are at most the plan's figures); nan where absent."""
     losses, last = [], {}
     if metrics.is_file():
@@ -88,7 +89,7 @@ def run_summary(metrics: Path) -> dict[str, float]:
                 continue  # a line cut by a kill
             last = rec
             v = rec.get("val_loss")
-            if isinstance(v, (int, float)) and math.isfinite(v):
+            if rec.get("step", 0) > 0 and isinstance(v, (int, float)) and math.isfinite(v):  # step 0: untrained
                 losses.append(float(v))
     nan = float("nan")
     return {"final_val_loss": losses[-1] if losses else nan, "best_val_loss": min(losses) if losses else nan,

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -59,7 +58,8 @@ def build_accelerator(cfg: Any):
         else []
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
-        cpu=not on_gpu and not deepspeed,  # cpu=True would drop DeepSpeed; without GPUs it uses its CPU accelerator mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum,
+        cpu=not on_gpu and not deepspeed,  # cpu=True would drop DeepSpeed (which then uses its CPU accelerator)
+        mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with="tensorboard" if cfg.train.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
         step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
@@ -131,6 +131,14 @@ def train(cfg: Any, accelerator: Any) -> TrainerState:
     model = build_model(cfg.model, spec)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.data.context_len)
+    zero_stage = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+                  if accelerator.state.deepspeed_plugin is not None else 0)
+    if zero_stage == 3:  # the mixer reads dt_proj.weight directly (F.linear): gather its params as one unit
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from mambadm.ssm import Mamba
+        if any(isinstance(m, Mamba) for m in model.modules()):
+            set_z3_leaf_modules(model, [Mamba])
     objective = Objective(model)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.steps)

@@ -60,11 +60,13 @@ def test_two_machines_on_loopback(hopper, tmp_path):
 def test_deepspeed_zero2_two_ranks(hopper, tmp_path):
     run = tmp_path / "run"
     run_train(train_cmd(hopper, run, "train.steps=10", "train.ckpt_every=5", "train.val_every=5",
-                        "data.val_shards=2", launch=["--config_file", "configs/accelerate/deepspeed-zero2.yaml",
+                        "data.val_shards=2", "optim.grad_accum=2",
+                        launch=["--config_file", "configs/accelerate/deepspeed-zero2.yaml",
                                                      "--main_process_port", str(free_port())]))
     ranks = check_ranks(run, "DEEPSPEED")
     assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-6)
     assert (run / "checkpoints" / "step-00000010" / "pytorch_model").is_dir()  # DeepSpeed's own layout
+    assert ranks[0]["micro_batches"] == 20 and metrics(run)[-1]["samples_seen"] == 10 * 2 * 16 * 2  # accumulation
 
 
 def test_deepspeed_zero3_export_rebuilds_without_deepspeed(hopper, tmp_path):

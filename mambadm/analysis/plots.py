@@ -48,11 +48,11 @@ def _panel(ax: Any, points: list, fits: list[dict], axis: str, ylabel: str, xlab
     for p in points:
         if p.values:
             series.setdefault((p.family, getattr(p, other)), []).append(p)
-    fixed_values = sorted({k[1] for k in series})
     for (family, fixed), pts in sorted(series.items()):
         pts = sorted(pts, key=lambda p: getattr(p, axis))
         x = np.array([getattr(p, axis) for p in pts])
-        style = LINESTYLES[fixed_values.index(fixed) % len(LINESTYLES)]
+        rank = sorted(k[1] for k in series if k[0] == family).index(fixed)  # smallest other-axis value: solid
+        style = LINESTYLES[rank % len(LINESTYLES)]
         other_name = "D" if other == "d" else "N"
         label = f"{FAMILY_LABELS.get(family, family)}, {other_name}={fixed:,.3g}"
         ax.errorbar(x, [p.mean for p in pts], yerr=[p.spread for p in pts], fmt="o", color=_color(family),
