@@ -4,6 +4,8 @@ Order of precedence, lowest first::
 
     dataclass defaults < size preset (configs/model/<family>-<size>.yaml) < YAML file(s) < command line
 
+except that a size (or family) named on the command line puts its preset above the YAML file's model keys.
+
 Unknown keys are errors that name the key and where it came from. A YAML file may list other YAML files under
 ``include:`` (paths relative to that file); they are merged first, in order.
 """
@@ -174,7 +176,8 @@ def preset_path(family: str, size: str) -> Path:
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 schema: type = RunConfig) -> Any:
-    """Builds a typed config: defaults < preset < YAML ``path`` < ``overrides`` (``key=value`` strings).
+    """Builds a typed config: defaults < preset < YAML ``path`` < ``overrides`` (``key=value`` strings; a size
+    chosen there puts its preset above the YAML).
 
     Returns an OmegaConf object typed by ``schema`` (attribute access, struct mode: unknown keys raise).
     """
@@ -189,6 +192,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     except Exception as e:
         raise ConfigError(f"command line: cannot parse overrides {overrides}: {e}") from None
     cfg = OmegaConf.structured(schema)
+    preset = None
     if schema is RunConfig:
         probe = _merge_strict(_merge_strict(cfg, user, source), cli, "command line")
         if probe.model.size:
@@ -196,8 +200,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             if not p.is_file():
                 known = sorted(x.stem for x in (CONFIGS_DIR / "model").glob(f"{probe.model.family}-*.yaml"))
                 raise ConfigError(f"model.size='{probe.model.size}': no preset {p.name}; known: {known}")
-            cfg = _merge_strict(cfg, OmegaConf.create({"model": _read_yaml(p)}), str(p))
+            preset = (OmegaConf.create({"model": _read_yaml(p)}), str(p))
+    # A preset sits right under the layer that chose it: a size named on the command line beats the YAML's model
+    # keys; a size named in the YAML yields to the YAML's own model keys. The command line always wins.
+    size_from_cli = OmegaConf.select(cli, "model.size") is not None or OmegaConf.select(cli, "model.family") is not None
+    if preset and not size_from_cli:
+        cfg = _merge_strict(cfg, *preset)
     cfg = _merge_strict(cfg, user, source)
+    if preset and size_from_cli:
+        cfg = _merge_strict(cfg, *preset)
     cfg = _merge_strict(cfg, cli, "command line")
     validate(cfg)
     return cfg

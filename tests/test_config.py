@@ -46,3 +46,16 @@ def test_saved_yaml_round_trips():
     cfg = load_config(None, ["model.fusion=gate", "train.steps=7"])
     again = from_yaml_text(to_yaml(cfg))
     assert again == cfg
+
+
+def test_preset_sits_under_the_layer_that_chose_it(tmp_path):
+    from mambadm.config import preset_path
+    from omegaconf import OmegaConf
+    preset = OmegaConf.load(preset_path("mambadm", "m"))
+    (tmp_path / "run.yaml").write_text("model:\n  d_model: 8\n  n_layer: 1\n")
+    chosen_on_cli = load_config(tmp_path / "run.yaml", ["model.size=m"])
+    assert chosen_on_cli.model.d_model == preset.d_model and chosen_on_cli.model.n_layer == preset.n_layer
+    assert load_config(tmp_path / "run.yaml", ["model.size=m", "model.d_model=24"]).model.d_model == 24
+    (tmp_path / "sized.yaml").write_text("model:\n  size: m\n  d_model: 8\n")
+    chosen_in_yaml = load_config(tmp_path / "sized.yaml")
+    assert chosen_in_yaml.model.d_model == 8 and chosen_in_yaml.model.n_layer == preset.n_layer
