@@ -21,15 +21,6 @@ HOPPER = {"kind": "mujoco", "task": "hopper"}
 BREAKOUT = {"kind": "atari", "game": "Breakout"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Acting is many tiny ops: extra intra-op threads only spin on a loaded machine (as in the rollout actors)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_export(tmp_path, family="mambadm", atari=False, name="export"):
     torch.manual_seed(0)
     cfg = load_config(overrides=[f"model.family={family}", "model.n_layer=1", "model.d_model=32", "model.n_head=2",

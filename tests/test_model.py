@@ -13,15 +13,6 @@ MUJOCO = EnvSpec("vector", [11], 3, False, 1000)
 DISCRETE_VECTOR = EnvSpec("vector", [5], 4, True, 100)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: extra intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(family: str, spec: EnvSpec, **kw) -> torch.nn.Module:
     cfg = ModelConfig(family=family, n_layer=2, d_model=32, d_state=8, local_window=3, n_head=2, dropout=0.0, **kw)
     return build_model(cfg, spec).eval()
