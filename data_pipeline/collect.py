@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.transitions <= 0:
         parser.error("--transitions must be positive")
-    if args.env in ATARI:
-        from data_pipeline.collect_atari import collect_atari
-        path = collect_atari(ATARI[args.env], args.output, args.transitions, args.seed)
-    else:
-        from data_pipeline.collect_mujoco import collect_mujoco
-        path = collect_mujoco(args.env, args.output, args.transitions, args.seed)
+    try:
+        if args.env in ATARI:
+            from data_pipeline.collect_atari import collect_atari
+            path = collect_atari(ATARI[args.env], args.output, args.transitions, args.seed)
+        else:
+            from data_pipeline.collect_mujoco import collect_mujoco
+            path = collect_mujoco(args.env, args.output, args.transitions, args.seed)
+    except FileExistsError as e:
+        parser.error(str(e))
     print(f"wrote {path}")
     return 0
 

@@ -108,3 +108,15 @@ def test_collect_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     units = dqn_replay.list_units(tmp_path / "Breakout")
     assert len(units) == 1 and units[0].transitions == 203  # one unfinished episode: its padding + 200 steps
+
+
+def test_collect_cli_refuses_a_non_empty_output_with_a_clear_error(tmp_path, capsys):
+    from data_pipeline.collect import main
+    logs = tmp_path / "Breakout" / "1" / "replay_logs"
+    logs.mkdir(parents=True)
+    (logs / "$store$_action_ckpt.0.gz").write_bytes(b"old")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["breakout", "--output", str(tmp_path), "--transitions", "10"])
+    assert exit_info.value.code == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (logs / "$store$_action_ckpt.0.gz").read_bytes() == b"old"
