@@ -1,8 +1,9 @@
 """Benchmark one Mamba mixer block, forward + backward on CPU: `fast` vs `ref` vs mambapy's pscan MambaBlock.
 
-Every (implementation, L, d_model) case runs in a fresh subprocess, which reports its time per iteration and its
-peak resident set size (getrusage ru_maxrss of that process, so the figure includes the ~0.3-0.4 GB of the Python +
-torch runtime). A watchdog thread in the worker aborts a case whose RSS passes --max-rss-gb; cases whose estimated
+Every (implementation, L, d_model) case runs in a fresh subprocess, which reports its time per iteration, its peak
+resident set size (getrusage ru_maxrss of that process, so the figure includes the ~0.23 GB of the Python + torch
+runtime) and that peak minus the RSS just before the first forward (the block's own memory: activations, gradients,
+work buffers). A watchdog thread in the worker aborts a case whose RSS passes --max-rss-gb; cases whose estimated
 peak is above it are skipped up front and marked so in the table.
 
     python benchmarks/bench_mixer.py                       # all shapes (the big ones take minutes)
@@ -66,6 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     block = build_block(args.impl, args.d_model)
     x = torch.randn(args.batch, args.length, args.d_model, requires_grad=True)
     grad = torch.randn(args.batch, args.length, args.d_model)
+    base_gb = _current_rss_gb()
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -76,7 +78,8 @@ def worker(args: argparse.Namespace) -> None:
         x.grad = None
         if i >= args.warmup:
             times.append(elapsed)
-    print(json.dumps({"ms": 1000 * min(times), "peak_rss_gb": _peak_rss_gb()}), flush=True)
+    peak = _peak_rss_gb()
+    print(json.dumps({"ms": 1000 * min(times), "peak_rss_gb": peak, "own_gb": peak - base_gb}), flush=True)
 
 
 def run_case(impl: str, length: int, d_model: int, args: argparse.Namespace) -> dict:
@@ -122,17 +125,20 @@ def main() -> None:
         tqdm.write(f"{impl:8s} L={length:5d} d_model={d:4d}: {results[(impl, length, d)]}")
 
     def cell(r: dict) -> str:
-        return f"{r['ms']:.0f} ms / {r['peak_rss_gb']:.2f} GB" if "ms" in r else r.get("skipped", r.get("error", "?"))
+        if "ms" not in r:
+            return r.get("skipped", r.get("error", "?"))
+        return f"{r['ms']:.0f} ms / {r['peak_rss_gb']:.2f} GB ({r['own_gb']:.2f})"
 
     def ratio(a: dict, b: dict, key: str) -> str:
         return f"{b[key] / a[key]:.1f}x" if key in a and key in b else "-"
 
-    header = ["L", "d_model"] + [f"{i} (time / peak RSS)" for i in args.impl]
+    header = ["L", "d_model"] + [f"{i} (time / peak RSS (own))" for i in args.impl]
     extra = []
     if "fast" in args.impl:
         extra = [f"fast speed-up vs {i}" for i in args.impl if i != "fast"] + \
-                [f"{i} RSS / fast RSS" for i in args.impl if i == "mambapy"]
-    print(f"\nbatch {args.batch}, forward + backward of one mixer block, {args.threads} torch thread(s)\n")
+                [f"{i} / fast: peak RSS (own)" for i in args.impl if i == "mambapy"]
+    print(f"\nbatch {args.batch}, forward + backward of one mixer block, {args.threads} torch thread(s); load average "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end\n")
     print("| " + " | ".join(header + extra) + " |")
     print("|" + "---|" * (len(header) + len(extra)))
     for length, d in cases:
@@ -140,7 +146,8 @@ def main() -> None:
         if extra:
             fast = results[("fast", length, d)]
             row += [ratio(fast, results[(i, length, d)], "ms") for i in args.impl if i != "fast"]
-            row += [ratio(fast, results[(i, length, d)], "peak_rss_gb") for i in args.impl if i == "mambapy"]
+            row += [f"{ratio(fast, results[(i, length, d)], 'peak_rss_gb')} ({ratio(fast, results[(i, length, d)], 'own_gb')})"
+                    for i in args.impl if i == "mambapy"]
         print("| " + " | ".join(row) + " |")
 
 

@@ -4,14 +4,16 @@ streaming real shards vs reusing one in-memory batch.
     python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120]
 
 Table 1: samples/s and tokens/s of full training steps (forward, loss, backward, AdamW step) on in-memory batches of
-vector (Hopper-shaped) data, the DT's width chosen so its parameter count is closest to MambaDM's; both models built
-by ``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
+vector (Hopper-shaped) data, the median of --steps steps of each model taken alternately (so both see the same load
+on a shared machine), the DT's width chosen so its parameter count is closest to MambaDM's; both models built by
+``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
 memory. Every number is measured in this run, side by side.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,16 @@ def matched_dt_width(mamba_params: int, base: list[str], spec) -> int:
     return best[0]
 
 
+def train_step(model, opt, batch) -> float:
+    """Seconds for one full training step: forward, loss, backward, optimizer step."""
+    t = time.perf_counter()
+    loss, _ = model.loss(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
 def step_times(model, batches, steps: int, warmup: int = 2) -> list[float]:
     """Seconds per training step; ``batches`` is an iterator of batches (next() is timed too)."""
     opt = make_optimizer(model, load_config(None, []).optim)
@@ -58,12 +70,23 @@ def step_times(model, batches, steps: int, warmup: int = 2) -> list[float]:
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        loss, _ = model.loss(next(batches))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        batch = next(batches)
+        elapsed = train_step(model, opt, batch) + time.perf_counter() - t
         if i >= warmup:
-            times.append(time.perf_counter() - t)
+            times.append(elapsed)
+    return times
+
+
+def interleaved_step_times(models: dict, batch, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per training step of each model, their steps alternating, so that every model sees the same load."""
+    opts = {name: make_optimizer(model, load_config(None, []).optim) for name, model in models.items()}
+    times = {name: [] for name in models}
+    for i in range(warmup + steps):
+        for name, model in models.items():
+            model.train()
+            elapsed = train_step(model, opts[name], batch)
+            if i >= warmup:
+                times[name].append(elapsed)
     return times
 
 
@@ -80,7 +103,10 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="*", default=[8, 30, 120], help="none: only table 2")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on a shared box, threads beyond the free cores make every op wait)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
@@ -98,9 +124,8 @@ def main() -> None:
             mamba = build_model(cfg.model, spec)
             d_dt = matched_dt_width(mamba.num_params(), base, spec)
             dt = build_model(load_config(None, [*base, "model.family=dt", f"model.d_model={d_dt}"]).model, spec)
-            rate = {}
-            for name, model in (("mambadm", mamba), ("dt", dt)):
-                rate[name] = args.batch / statistics.median(step_times(model, repeat(batch), args.steps))
+            times = interleaved_step_times({"mambadm": mamba, "dt": dt}, batch, args.steps)
+            rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
             tok = 3 * k
             print(f"| {k} | {mamba.num_params():,} | {dt.num_params():,} ({d_dt}) | {rate['mambadm']:.1f} | "
                   f"{rate['dt']:.1f} | {rate['mambadm'] * tok:.0f} | {rate['dt'] * tok:.0f} | "
@@ -119,6 +144,7 @@ def main() -> None:
         streamed = statistics.median(step_times(model, stream, steps))
         print("\n| MambaDM step, K=30 | in-memory batch | streamed from real shards (1 worker) | streamed / in-memory |"
               f"\n|---|---|---|---|\n| seconds per step | {memory:.4f} | {streamed:.4f} | {streamed / memory:.3f} |")
+    print(f"\nload average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end")
 
 
 if __name__ == "__main__":

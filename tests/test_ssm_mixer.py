@@ -9,6 +9,7 @@ import torch
 
 from mambadm.config import ModelConfig
 from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, available_backends
+from mambadm.ssm.mixer import causal_depthwise_conv
 from mambadm.ssm.scan_cuda import cuda_missing
 
 CUDA_REASON = cuda_missing()
@@ -139,3 +140,22 @@ def test_state_dict_round_trip_with_mamba_ssm():
     fast = Mamba(64, backend="fast").cuda()
     fast.load_state_dict(theirs2.state_dict())
     assert _rel(fast(x), theirs2(x)) < 1e-3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_depthwise_conv_equals_conv1d(bias):
+    """The batch-first shifted multiply-add conv is nn.Conv1d(groups=C, padding=K-1) cut to the first L outputs."""
+    torch.manual_seed(5)
+    conv = torch.nn.Conv1d(6, 6, kernel_size=4, groups=6, padding=3, bias=bias)
+    u = torch.randn(3, 11, 6, requires_grad=True)
+    ours = causal_depthwise_conv(u, conv.weight, conv.bias)
+    theirs = conv(u.transpose(1, 2))[..., :11].transpose(1, 2)
+    assert (ours - theirs).abs().max() < 1e-6
+    grad = torch.randn_like(ours)
+    g_ours = torch.autograd.grad(ours, [u, conv.weight], grad)
+    g_theirs = torch.autograd.grad(theirs, [u, conv.weight], grad)
+    for a, b in zip(g_ours, g_theirs):
+        assert (a - b).abs().max() < 1e-5
+    short = torch.randn(2, 2, 6)  # fewer steps than taps
+    assert torch.allclose(causal_depthwise_conv(short, conv.weight, conv.bias),
+                          conv(short.transpose(1, 2))[..., :2].transpose(1, 2), atol=1e-6)

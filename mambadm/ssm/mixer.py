@@ -26,6 +26,21 @@ def _at_least_f32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """nn.Conv1d(groups=channels, padding=K-1) over the time axis of u (batch, L, channels), first L outputs.
+
+    out_t = bias + sum_k weight[:, 0, k] * u_{t-K+1+k} (zeros before the start), as K shifted multiply-adds in the
+    batch-first layout: no transposed copy of u in or out, and its gradient comes back in the same layout.
+    """
+    K, length = weight.shape[-1], u.shape[1]
+    padded = F.pad(u, (0, 0, K - 1, 0))  # (b, K - 1 + L, c)
+    w = weight[:, 0, :]  # (c, K); tap K - 1 multiplies the current input
+    out = padded[:, K - 1 :] * w[:, K - 1] if bias is None else torch.addcmul(bias, padded[:, K - 1 :], w[:, K - 1])
+    for k in range(K - 1):
+        out = torch.addcmul(out, padded[:, k : k + length], w[:, k])
+    return out
+
+
 @dataclass
 class MambaCache:
     """Recurrent state of one Mamba mixer for `step()`.
@@ -126,26 +141,36 @@ class Mamba(nn.Module):
         """A = -exp(A_log) in float32 (float64 for a float64 module), (d_inner, d_state)."""
         return -torch.exp(_at_least_f32(self.A_log))
 
-    def _conv(self, x: Tensor, backend: str) -> Tensor:
-        """Causal depthwise conv + SiLU over (batch, d_inner, L)."""
+    def _conv(self, u: Tensor, backend: str) -> Tensor:
+        """SiLU(causal depthwise conv) over the time axis of u (batch, L, d_inner) -> (batch, L, d_inner).
+
+        `cuda`: causal_conv1d_fn when installed, else nn.Conv1d, on a contiguous (batch, d_inner, L) copy, the layout
+        of the GPU kernels; `ref` / `fast`: `causal_depthwise_conv` in the batch-first layout, with no copy.
+        """
         if backend == "cuda":
+            x = u.transpose(1, 2).contiguous()
             causal_conv1d_fn = causal_conv1d_cuda()
             if causal_conv1d_fn is not None:
-                weight = self.conv1d.weight.squeeze(1)
-                return causal_conv1d_fn(x, weight, self.conv1d.bias, activation="silu")
-        return F.silu(self.conv1d(x)[..., : x.shape[-1]])
+                out = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            else:
+                out = F.silu(self.conv1d(x)[..., : x.shape[-1]])
+            return out.transpose(1, 2)
+        return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
 
     def _ssm_inputs(self, x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """From x (batch, L, d_model): u, z, delta (pre-bias), B, C in selective_scan's layouts."""
+        """From x (batch, L, d_model): u, z, delta (pre-bias), B, C in selective_scan's layouts.
+
+        Everything is computed batch-first, (batch, L, channels), the layout the projections produce and read, and
+        returned as (batch, channels, L) views: no full-length transposed copy is made on the way to the scan.
+        """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects x of shape (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
-        xz = self.in_proj(x).transpose(1, 2)  # (b, 2*d_inner, L)
-        u, z = xz.chunk(2, dim=1)  # (b, d_inner, L) each
-        u = self._conv(u.contiguous(), backend)
-        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, L, dt_rank + 2*d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); bias added in the scan
-        return u, z, delta, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (b, d_state, L)
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, L, d_inner) each
+        u = self._conv(u, backend)
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); bias added in the scan
+        # u, z, delta (b, d_inner, L); B, C (b, d_state, L)
+        return tuple(t.transpose(1, 2) for t in (u, z, delta, B, C))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
