@@ -1,20 +1,24 @@
-"""Sharding throughput and peak memory, measured side by side in one run.
+"""Sharding throughput, worker scaling and peak memory, measured side by side in one run.
 
     python benchmarks/bench_shard.py [--d4rl-small 50000] [--d4rl-large 200000] [--atari-small 20000]
-        [--atari-large 100000]
-        [--sources d4rl dqn-replay] [--work DIR]
+        [--atari-large 100000] [--sources d4rl dqn-replay] [--work DIR]
 
 D4RL: shard a small and a large collected Hopper file (real env) with 1 and 2 workers; compare with only reading the
-episodes (the reader's limit). DQN-Replay (when the Atari collector is present): shard a small and a large
-checkpoint and compare with decompressing the same ``.gz`` files alone with the standard ``gzip`` module and with
-``isal`` (the decompression limit). Peak RSS is the sharding process's own (``--workers 1``), its VmHWM.
+episodes (the reader's limit). DQN-Replay: Breakout collected by the project's collector in Dopamine checkpoints of
+a quarter of the frames each (4 full checkpoints + the partial last one, i.e. 5 units for the workers); shard with
+1 and 2 workers and compare with decompressing the same ``.gz`` files alone with the standard ``gzip`` module and
+with ``isal`` (the decompression limit). The work any sharder must do beyond decompressing is measured in the same
+run: sha256 and writing (to the page cache) of as many bytes as the shards hold; their sum with the isal time is the
+"required work" bound. Peak RSS is the sharding process's own (``--workers 1``), its VmHWM. ``--work DIR`` keeps the
+collected inputs there and reuses them on the next run.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
+import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,30 +36,37 @@ PEAK_WRAPPER = ("import atexit, runpy, sys; atexit.register(lambda: print(next(l
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``python SCRIPT ARGS...`` run as a subprocess."""
+def run_measured(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + sys, its pool workers included) of
+    ``python SCRIPT ARGS...`` run as a subprocess."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], cwd=REPO, capture_output=True, text=True,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{cmd} failed: {done.stderr[-2000:]}")
-    return seconds, int(done.stderr.strip().splitlines()[-1].split()[1]) / 1024
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return seconds, int(done.stderr.strip().splitlines()[-1].split()[1]) / 1024, cpu
 
 
-def shard(source: str, src: Path, out: Path, workers: int) -> tuple[float, float, int]:
+def shard(source: str, src: Path, out: Path, workers: int, *extra: str) -> tuple[float, float, int, float]:
+    """Wall seconds, peak RSS, bytes of tars written and CPU seconds of one shard.py run."""
     shutil.rmtree(out, ignore_errors=True)
-    seconds, rss = run_measured(["data_pipeline/shard.py", "--source", source, "--input", str(src),
-                                 "--output", str(out), "--workers", str(workers)])
-    return seconds, rss, sum(p.stat().st_size for p in out.glob("*.tar"))
+    seconds, rss, cpu = run_measured(["data_pipeline/shard.py", "--source", source, "--input", str(src),
+                                      "--output", str(out), "--workers", str(workers), *extra])
+    return seconds, rss, sum(p.stat().st_size for p in out.glob("*.tar")), cpu
 
 
-def row(name: str, steps: int, seconds: float, mb_in: float, rss: float | str = "") -> str:
+def row(name: str, steps: int, seconds: float, mb_in: float, rss: float | str = "", cpu: float | None = None) -> str:
     rss = f"{rss:.0f}" if isinstance(rss, float) else rss
-    return f"| {name} | {steps:,} | {seconds:.2f} | {steps / seconds:,.0f} | {mb_in / seconds:.1f} | {rss} |"
+    cpu = "" if cpu is None else f"{cpu:.2f}"
+    return f"| {name} | {steps:,} | {seconds:.2f} | {steps / seconds:,.0f} | {mb_in / seconds:.1f} | {rss} | {cpu} |"
 
 
-HEADER = "| what | steps | s | steps/s | input MB/s | peak RSS MiB |\n|---|---|---|---|---|---|"
+HEADER = ("| what | steps | s | steps/s | input MB/s | peak RSS MiB | CPU s (all processes) |\n"
+          "|---|---|---|---|---|---|---|")
 
 
 def bench_d4rl(work: Path, sizes: list[int]) -> list[str]:
@@ -70,34 +81,99 @@ def bench_d4rl(work: Path, sizes: list[int]) -> list[str]:
         steps = sum(len(ep) for u in d4rl.list_units(path) for ep in d4rl.read_unit(u))
         lines.append(row(f"D4RL {n:,}: read episodes only (limit)", steps, time.perf_counter() - start, mb))
         for workers in (1, 2):
-            seconds, rss, out_bytes = shard("d4rl", path, work / "out", workers)
+            seconds, rss, out_bytes, cpu = shard("d4rl", path, work / "out", workers)
             lines.append(row(f"D4RL {n:,}: shard, {workers} worker(s) → {out_bytes / 1e6:.0f} MB tars", n, seconds,
-                             mb, rss if workers == 1 else "—"))
+                             mb, rss if workers == 1 else "—", cpu))
     return lines
 
 
-def bench_dqn(work: Path, sizes: list[int]) -> list[str]:
-    from isal import igzip
+def best_of(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timings of ``fn()`` (the box is shared: the minimum is the least disturbed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
+
+def required_work_rates(work: Path) -> tuple[float, float]:
+    """Bytes/s of sha256 and of writing a file to the page cache (64 MiB blocks, 512 MiB file, no fsync)."""
+    block = os.urandom(64 << 20)
+    sha = len(block) / best_of(lambda: hashlib.sha256(block).digest())
+    path = work / "write-probe.bin"
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            for _ in range(8):
+                f.write(block)
+        path.unlink()
+
+    return sha, 8 * len(block) / best_of(write)
+
+
+def decompress_seconds(gz: list[Path], module) -> float:
+    def run() -> None:
+        for p in gz:
+            with module.open(p, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+    return best_of(run)
+
+
+def collected_atari(work: Path, n: int) -> Path:
+    """Breakout, ``n`` agent steps in checkpoints of ``n // 4`` rows (reused from ``work`` when complete)."""
     from data_pipeline.collect_atari import collect_atari
 
-    lines = []
+    folder = work / f"atari-{n}"
+    if not (folder / ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        collect_atari("Breakout", folder, n, 0, capacity=n // 4, progress=False)
+        (folder / ".complete").touch()
+    return folder / "Breakout"
+
+
+def bench_dqn(work: Path, sizes: list[int]) -> tuple[list[str], list[str]]:
+    """Rows of the main table and of the ratio table."""
+    from isal import igzip
+
+    sha_rate, write_rate = required_work_rates(work)
+    lines = [f"| sha256 alone (required per output byte) | | | | {sha_rate / 1e6:,.0f} MB/s | | |",
+             f"| write to page cache alone (required per output byte) | | | | {write_rate / 1e6:,.0f} MB/s | | |"]
+    ratios = []
     for n in sizes:
-        root = collect_atari("Breakout", work / f"atari-{n}", n, 0, capacity=n, progress=False)  # one checkpoint
-        gz = sorted(Path(root).rglob("*.gz"))
+        root = collected_atari(work, n)
+        gz = sorted(root.rglob("*.gz"))
         mb = sum(p.stat().st_size for p in gz) / 1e6
+        limit = {}
         for name, module in (("gzip", gzip), ("isal igzip", igzip)):
-            start = time.perf_counter()
-            for p in gz:
-                with module.open(p, "rb") as f:
-                    while f.read(1 << 22):
-                        pass
-            lines.append(row(f"Atari {n:,}: decompress .gz only, {name}", n, time.perf_counter() - start, mb))
+            limit[name] = decompress_seconds(gz, module)
+            lines.append(row(f"Atari {n:,}: decompress .gz only, {name}", n, limit[name], mb))
+        seconds = {}
         for workers in (1, 2):
-            seconds, rss, out_bytes = shard("dqn-replay", Path(root), work / "out", workers)
+            seconds[workers], rss, out_bytes, cpu = shard("dqn-replay", root, work / "out", workers)
             lines.append(row(f"Atari {n:,}: shard, {workers} worker(s) → {out_bytes / 1e6:.0f} MB tars", n,
-                             seconds, mb, rss if workers == 1 else "—"))
-    return lines
+                             seconds[workers], mb, rss if workers == 1 else "—", cpu))
+        bound = limit["isal igzip"] + out_bytes / sha_rate + out_bytes / write_rate
+        lines.append(row(f"Atari {n:,}: required work: isal decompress + sha256 + write of the tars", n, bound, mb))
+        units = len({p.name.split("ckpt.")[1] for p in gz})
+        ratios.append(f"| Atari {n:,} ({units} units), --max-window 120 | {out_bytes / (n * 84 * 84):.2f} | "
+                      f"{limit['isal igzip'] / seconds[1]:.3f} | {limit['isal igzip'] / bound:.3f} | "
+                      f"{bound / seconds[1]:.2f} | {seconds[1] / seconds[2]:.2f} |")
+        # Atari DT's context (K=30): less overlap between chunks, fewer bytes to hash and write
+        short, _, short_bytes, cpu = shard("dqn-replay", root, work / "out", 1, "--max-window", "30")
+        lines.append(row(f"Atari {n:,}: shard, 1 worker, --max-window 30 → {short_bytes / 1e6:.0f} MB tars", n, short,
+                         mb, "", cpu))
+        short_bound = limit["isal igzip"] + short_bytes / sha_rate + short_bytes / write_rate
+        ratios.append(f"| Atari {n:,} ({units} units), --max-window 30 | {short_bytes / (n * 84 * 84):.2f} | "
+                      f"{limit['isal igzip'] / short:.3f} | {limit['isal igzip'] / short_bound:.3f} | "
+                      f"{short_bound / short:.2f} | |")
+    return lines, ratios
+
+
+RATIO_HEADER = ("| input | output bytes / input frame bytes | shard (1 worker) / isal limit "
+                "| required-work bound / isal limit | shard (1 worker) / bound | speed-up, 2 workers vs 1 |\n"
+                "|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -110,14 +186,19 @@ def main() -> None:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_"))
+    work.mkdir(parents=True, exist_ok=True)
     lines = bench_d4rl(work, [args.d4rl_small, args.d4rl_large]) if "d4rl" in args.sources else []
+    ratios = []
     if "dqn-replay" in args.sources:
-        if importlib.util.find_spec("data_pipeline.collect_atari"):
-            lines += bench_dqn(work, [args.atari_small, args.atari_large])
-        else:
-            lines.append("| DQN-Replay: skipped (no data_pipeline.collect_atari) | | | | | |")
+        more, ratios = bench_dqn(work, [args.atari_small, args.atari_large])
+        lines += more
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
     print(HEADER)
     print("\n".join(lines))
+    if ratios:
+        print("\n" + RATIO_HEADER)
+        print("\n".join(ratios))
+    shutil.rmtree(work / "out", ignore_errors=True)
     if not args.work:
         shutil.rmtree(work)
 

@@ -5,8 +5,10 @@ counts, sha256 and bytes per shard, return and state statistics) is written last
 valid record or is redone. Tars are byte-reproducible (fixed mtime), so a redone unit gives identical files.
 
 The tars are written with the standard library's ``tarfile`` in the member layout of ``webdataset.TarWriter``
-(``<key>.<ext>`` in sorted order, mode 0444; plain USTAR headers): importing webdataset imports torch, which costs
-every worker process 1-4 s of start-up and ~200 MB of memory. The tests read the shards back with webdataset.
+(``<key>.<ext>`` in sorted order, mode 0444, fixed mtime; plain USTAR headers), sha256 computed while writing:
+importing webdataset imports torch, which costs every worker process 1-4 s of start-up and ~200 MB of memory. The
+tests read the shards back with webdataset. A finished tar is fsynced and renamed into place by a background thread
+while the next one is written; the done record waits for all of them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import os
 import tarfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,23 +49,6 @@ class UnitJob:
         """What a done record must match to be reused."""
         return {"source": self.source, "unit": str(self.unit), "chunking": asdict(self.chunking),
                 "shard_transitions": self.shard_transitions}
-
-
-class _HashingFile:
-    """Write-through file wrapper counting bytes and computing sha256."""
-
-    def __init__(self, path: Path):
-        self.f, self.sha, self.bytes = open(path, "wb"), hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
-
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
 
 
 def sha256_file(path: Path) -> str:
@@ -105,48 +91,102 @@ def clear_unit(job: UnitJob) -> None:
         path.unlink()
 
 
-def write_sample(tar: tarfile.TarFile, sample: dict) -> None:
-    """One WebDataset sample: members ``<__key__>.<name>`` in sorted order, fixed mtime (reproducible bytes)."""
+COPY_BUFFER = 1 << 22  # tarfile copies each member in pieces of this size (its default, 16 KiB, costs many writes)
+
+
+class TarStream:
+    """A tar file being written: ``tarfile`` over a write-through file that counts bytes and computes sha256."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha, self.bytes = hashlib.sha256(), 0
+        self.tar = tarfile.open(fileobj=self, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=COPY_BUFFER)
+
+    def write(self, data) -> int:  # the file interface tarfile writes to
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def add(self, name: str, parts: tuple) -> None:
+        """One regular file whose content is the concatenation of the bytes-like ``parts``."""
+        data = b"".join(parts)
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def finish(self) -> None:
+        """End the archive and hand it to the OS; ``bytes`` and ``sha`` are final from here on."""
+        self.tar.close()
+        self.file.flush()
+
+    def sync_close(self) -> None:
+        """Wait until the file is on disk (fsync), then close it. Safe to run in another thread after finish()."""
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def write_sample(tar: TarStream, sample: dict) -> None:
+    """One WebDataset sample: members ``<__key__>.<name>`` in sorted order."""
     key = sample["__key__"]
     for name in sorted(k for k in sample if k != "__key__"):
-        info = tarfile.TarInfo(f"{key}.{name}")
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[name]), 0, 0o444, "bigdata", "bigdata"
-        tar.addfile(info, io.BytesIO(sample[name]))
+        tar.add(f"{key}.{name}", sample[name])
 
 
 class ShardSeries:
-    """The tars of one unit: ``shard-UUUU-0000.tar``, ``-0001`` ..., each rolled over after enough owned steps."""
+    """The tars of one unit: ``shard-UUUU-0000.tar``, ``-0001`` ..., each rolled over after enough owned steps.
+
+    Use as a context manager: leaving it waits for every finished tar to be fsynced and renamed (and re-raises a
+    failure of that)."""
 
     def __init__(self, out: Path, unit_index: int, shard_transitions: int):
         self.out, self.unit_index, self.shard_transitions = out, unit_index, shard_transitions
         self.shards: list[dict] = []  # finished shards' entries for index.json
-        self.writer = self.file = self.current = None
+        self.tar: TarStream | None = None
+        self.current: dict | None = None
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-sync")
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> ShardSeries:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.tar is not None:  # left by an error: the temporary file stays for the rerun to delete
+            self.tar.file.close()
+        self._syncer.shutdown(wait=True)
+        if exc_type is None:
+            for done in self._pending:
+                done.result()
 
     def add(self, sample: dict, owned: int, episode_id: int) -> None:
         if self.current is not None and self.current["transitions"] >= self.shard_transitions:
             self.close()
         if self.current is None:
             name = f"shard-{self.unit_index:04d}-{len(self.shards):04d}.tar"
-            self.file = _HashingFile(self.out / f".{name}.tmp")
-            self.writer = tarfile.open(fileobj=self.file, mode="w|", format=tarfile.USTAR_FORMAT)
+            self.tar = TarStream(self.out / f".{name}.tmp")
             self.current = {"name": name, "samples": 0, "transitions": 0, "episodes": set()}
-        write_sample(self.writer, sample)
+        write_sample(self.tar, sample)
         self.current["samples"] += 1
         self.current["transitions"] += owned
         self.current["episodes"].add(episode_id)
 
     def close(self) -> None:
-        """Finish the open tar (if any): close, rename into place, record counts and checksum."""
+        """Finish the open tar (if any), record its counts and checksum; fsync + rename it in the background."""
         if self.current is None:
             return
-        self.writer.close()
-        self.file.close()
+        self.tar.finish()
         name = self.current["name"]
-        os.replace(self.out / f".{name}.tmp", self.out / name)
+        self._pending.append(self._syncer.submit(self._sync_and_rename, self.tar, name))
         self.shards.append({"name": name, "samples": self.current["samples"],
                             "transitions": self.current["transitions"], "episodes": len(self.current["episodes"]),
-                            "bytes": self.file.bytes, "sha256": self.file.sha.hexdigest()})
-        self.writer = self.file = self.current = None
+                            "bytes": self.tar.bytes, "sha256": self.tar.sha.hexdigest()})
+        self.tar = self.current = None
+
+    def _sync_and_rename(self, tar: TarStream, name: str) -> None:
+        tar.sync_close()
+        os.replace(self.out / f".{name}.tmp", self.out / name)
 
 
 def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> dict:
@@ -159,25 +199,25 @@ def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> d
     clear_unit(job)
     reader = get_reader(job.source)
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    series = ShardSeries(Path(job.output), job.index, job.shard_transitions)
     returns, states = RunningStats(), None
     totals = {"episodes": 0, "transitions": 0, "samples": 0, "max_length": 0}
-    for ep in reader.read_unit(job.unit):
-        if job.vector_obs:
-            states = states or RunningStats(ep.observations.shape[1])
-            states.update(ep.observations)
-        returns.update(np.array([ep.total_return]))
-        totals["episodes"] += 1
-        totals["transitions"] += len(ep)
-        totals["max_length"] = max(totals["max_length"], len(ep))
-        for sample, owned in chunk_samples(ep, job.chunking):
-            series.add(sample, owned, ep.episode_id)
-            totals["samples"] += 1
-        if progress:
-            progress(len(ep))
-        if delay:
-            time.sleep(delay)
-    series.close()
+    with ShardSeries(Path(job.output), job.index, job.shard_transitions) as series:
+        for ep in reader.read_unit(job.unit):
+            if job.vector_obs:
+                states = states or RunningStats(ep.observations.shape[1])
+                states.update(ep.observations)
+            returns.update(np.array([ep.total_return]))
+            totals["episodes"] += 1
+            totals["transitions"] += len(ep)
+            totals["max_length"] = max(totals["max_length"], len(ep))
+            for sample, owned in chunk_samples(ep, job.chunking):
+                series.add(sample, owned, ep.episode_id)
+                totals["samples"] += 1
+            if progress:
+                progress(len(ep))
+            if delay:
+                time.sleep(delay)
+        series.close()
     record = {"identity": job.identity(), "shards": series.shards, **totals, "returns": returns.to_dict(),
               "states": states.to_dict() if states is not None else None}
     write_json_atomic(job.record_path(), record)

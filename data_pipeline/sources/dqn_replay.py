@@ -22,11 +22,11 @@ the last terminal (an episode the checkpoint cuts) form a final episode with ``t
 exactly 27,000 steps ending in a terminal is DQN-Replay's episode cap: ``terminated=False, truncated=True``.
 Padding rows are checked to be zero (observation, action, reward, terminal).
 
-Memory: actions, rewards and terminals (5 bytes a row) are loaded whole; observations are streamed from the gzip
-stream block by block, straight into each episode's array, so memory is one block plus one episode. A wrapped
-buffer whose oldest row is not at the end of the file needs the end of the file before its start: the file is
-opened a second time and decompressed from the beginning (at most one extra pass over ``cursor`` rows). Every file
-is read to its end once, so truncation and CRC errors are always detected.
+Memory: actions, rewards and terminals (13 bytes a row once converted) are loaded whole; observations are
+streamed from the gzip stream block by block, straight into each episode's array, so memory is one block plus one
+episode. A wrapped buffer whose oldest row is not at the end of the file needs the end of the file before its
+start: the file is opened a second time and decompressed from the beginning (at most one extra pass over
+``cursor`` rows). Every file is read to its end once, so truncation and CRC errors are always detected.
 
 Episode ids: ``(run_position * 1000 + checkpoint) * 10_000_000 + k`` for the k-th episode emitted from that
 checkpoint (run_position counts the runs under PATH from 0).
@@ -182,21 +182,26 @@ def load_checkpoint(replay_logs: Path, index: int) -> Checkpoint:
     rows, offset = (capacity, cursor) if full else (count, 0)
     stack_size = _stack_size(_file(replay_logs, "invalid_range", index), cursor, capacity)
 
-    order = np.r_[offset:capacity, 0:offset][:rows] if full else np.arange(rows)
-    actions, rewards = arrays["action"][order], arrays["reward"][order]
-    terminals = arrays["terminal"][order]
-    if not np.isfinite(rewards).all():
-        row = int(order[np.flatnonzero(~np.isfinite(rewards))[0]])
+    def logical(a: np.ndarray, dtype: type) -> np.ndarray:  # the valid rows, oldest first, converted in one copy
+        out = np.empty(rows, dtype)
+        out[:rows - offset] = a[offset:rows]
+        out[rows - offset:] = a[:offset]
+        return out
+
+    valid = {key: a[:rows] for key, a in arrays.items()}  # physical order (the valid rows are [0, rows))
+    bad = np.flatnonzero(~np.isfinite(valid["reward"]))
+    if len(bad):
         raise DatasetFormatError(f"{_file(replay_logs, 'reward', index)}: expected finite rewards, "
-                                 f"found NaN/inf at row {row}")
-    if (actions < 0).any():
+                                 f"found NaN/inf at row {int(bad[0])}")
+    if (valid["action"] < 0).any():
         raise DatasetFormatError(f"{_file(replay_logs, 'action', index)}: expected actions >= 0, "
-                                 f"found {int(actions.min())}")
-    if not np.isin(terminals, (0, 1)).all():
+                                 f"found {int(valid['action'].min())}")
+    if not np.isin(valid["terminal"], (0, 1)).all():
         raise DatasetFormatError(f"{_file(replay_logs, 'terminal', index)}: expected terminals 0 or 1, "
-                                 f"found {sorted(set(np.unique(terminals).tolist()) - {0, 1})[:5]}")
+                                 f"found {sorted(set(np.unique(valid['terminal']).tolist()) - {0, 1})[:5]}")
     return Checkpoint(_file(replay_logs, "observation", index), capacity, offset, rows, stack_size,
-                      actions.astype(np.int64), rewards.astype(np.float32), terminals.astype(bool))
+                      logical(arrays["action"], np.int64), logical(arrays["reward"], np.float32),
+                      logical(arrays["terminal"], bool))
 
 
 def _stack_size(file: Path, cursor: int, capacity: int) -> int:

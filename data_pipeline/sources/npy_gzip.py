@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - isal is a dependency, the fallback kee
     _gzip = gzip
 
 DECODE_ERRORS = (OSError, EOFError, zlib.error, ValueError)  # gzip.BadGzipFile is an OSError
+READ_BYTES = 1 << 18  # bytes decompressed per call: small enough to stay in the CPU cache (~1.5x faster than 14 MB)
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -66,20 +67,23 @@ def load_small(path: str | Path) -> np.ndarray:
         raise DatasetFormatError(f"{path}: expected this checkpoint file, found none")
     with _open(path) as f:
         shape, dtype = _read_header(path, f)
-        count = int(np.prod(shape, dtype=np.int64))
-        data = _read_exact(path, f, count * dtype.itemsize, "the array data")
+        array = np.empty(shape, dtype)
+        _read_exact(path, f, array.reshape(-1).view(np.uint8), "the array data")
         _expect_eof(path, f)
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    return array
 
 
-def _read_exact(path: Path, f: IO[bytes], n: int, what: str) -> bytes:
-    try:
-        data = f.read(n)
-    except DECODE_ERRORS as e:
-        raise DatasetFormatError(f"{path}: truncated or corrupt gzip stream while reading {what} ({e})") from e
-    if len(data) != n:
-        raise DatasetFormatError(f"{path}: truncated: expected {n} bytes of {what}, found {len(data)}")
-    return data
+def _read_exact(path: Path, f: IO[bytes], out: np.ndarray, what: str) -> None:
+    """Fill the byte array ``out`` from ``f`` (read straight into it, no intermediate copy)."""
+    got = 0
+    while got < len(out):
+        try:
+            more = f.readinto(out[got:got + READ_BYTES])
+        except DECODE_ERRORS as e:
+            raise DatasetFormatError(f"{path}: truncated or corrupt gzip stream while reading {what} ({e})") from e
+        if not more:
+            raise DatasetFormatError(f"{path}: truncated: expected {len(out)} bytes of {what}, found {got}")
+        got += more
 
 
 def _expect_eof(path: Path, f: IO[bytes]) -> None:
@@ -133,27 +137,27 @@ class NpyRowStream:
         view = out.reshape(len(out), -1).view(np.uint8).reshape(-1)
         step = self.block_rows * self.row_bytes
         for lo in range(0, len(view), step):
-            chunk = view[lo:lo + step]
-            try:
-                got = self.f.readinto(chunk)
-            except DECODE_ERRORS as e:
-                raise DatasetFormatError(f"{self.path}: truncated or corrupt gzip stream near row "
-                                         f"{self.pos + lo // self.row_bytes} ({e})") from e
-            while got < len(chunk):  # readinto may return fewer bytes than asked before the end of the stream
-                try:
-                    more = self.f.readinto(chunk[got:])
-                except DECODE_ERRORS as e:
-                    raise DatasetFormatError(f"{self.path}: truncated or corrupt gzip stream ({e})") from e
-                if not more:
-                    raise DatasetFormatError(f"{self.path}: truncated: expected {self.rows} rows of "
-                                             f"{self.row_bytes} bytes, the stream ended at row "
-                                             f"{self.pos + (lo + got) // self.row_bytes}")
-                got += more
+            self._read_into(view[lo:lo + step], lo)
             self.blocks += 1
         self.pos += len(out)
         if self.pos == self.rows and not self.verified:
             _expect_eof(self.path, self.f)  # the gzip CRC is checked at the end of the stream
             self.verified = True
+
+    def _read_into(self, chunk: np.ndarray, offset: int) -> None:
+        """Fill ``chunk`` (bytes ``offset...`` of the rows being read) in pieces of at most ``READ_BYTES``."""
+        got = 0
+        while got < len(chunk):  # readinto may also return fewer bytes than asked before the end of the stream
+            try:
+                more = self.f.readinto(chunk[got:got + READ_BYTES])
+            except DECODE_ERRORS as e:
+                raise DatasetFormatError(f"{self.path}: truncated or corrupt gzip stream near row "
+                                         f"{self.pos + (offset + got) // self.row_bytes} ({e})") from e
+            if not more:
+                raise DatasetFormatError(f"{self.path}: truncated: expected {self.rows} rows of "
+                                         f"{self.row_bytes} bytes, the stream ended at row "
+                                         f"{self.pos + (offset + got) // self.row_bytes}")
+            got += more
 
     def skip_to(self, row: int) -> None:
         """Move to ``row`` (reopening the file when it lies behind the current position)."""
