@@ -1,6 +1,6 @@
 """The main job on embedded data, end to end: collect → shard → train → evaluate.
 
-    python -m mambadm.demo [--out runs/demo] [--game breakout] [--transitions 60000] [--steps 600]
+    python -m mambadm.demo [--out runs/demo] [--game breakout] [--transitions 60000] [--steps N]
 
 Each stage runs the project's own command line, printed before it runs, so the demo doubles as a tour of the
 commands a study uses on real data. Stages whose output already exists are skipped (delete ``--out`` to start over).
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/demo", help="working directory for data, shards and the run")
     parser.add_argument("--game", default="breakout", choices=sorted(GAMES))
     parser.add_argument("--transitions", type=int, default=60_000, help="environment steps to collect")
-    parser.add_argument("--steps", type=int, default=600, help="training updates")
+    parser.add_argument("--steps", type=int, help="training updates (default: the game's training config)")
     parser.add_argument("--episodes", type=int, default=4, help="evaluation episodes per target return")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         run([py, "data_pipeline/shard.py", "--source", source, "--input", str(raw / collected), "--output", str(shards),
              "--workers", "2"], "shard into WebDataset tars")
     if not (run_dir / "export" / "model.pt").exists():
-        run([py, "-m", "mambadm.train", train_config, f"data.shards={shards}", f"train.run_dir={run_dir}",
-             f"train.steps={args.steps}", f"train.seed={args.seed}"], "train MambaDM")
+        steps = [] if args.steps is None else [f"train.steps={args.steps}"]
+        run([py, "-m", "mambadm.train", train_config, f"data.shards={shards}", f"train.run_dir={run_dir}", *steps,
+             f"train.seed={args.seed}"], "train MambaDM")
     run([py, "-m", "evaluation.evaluate", "--checkpoint", str(run_dir / "export"), "--episodes", str(args.episodes),
          "--actors", "2", "--output", str(out / "results.json")], "evaluate in the real environment with Ray")
     print(f"\nDone. Results: {out / 'results.json'}; training metrics: {run_dir / 'metrics.jsonl'}; "

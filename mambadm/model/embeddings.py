@@ -4,6 +4,12 @@ Every timestep t contributes three tokens, in this order: return-to-go R_t, stat
 to d_model, a learned timestep embedding (timesteps clamped to the table) is added to all three, and the tokens are
 interleaved into (B, 3K, d) = [R_1, s_1, a_1, R_2, s_2, a_2, ...], then LayerNorm and dropout. Predictions are read
 at the state tokens, so a_t is predicted from R_<=t, s_<=t, a_<t.
+
+Atari initialisation follows the Decision Transformer's Atari code (minGPT's ``_init_weights``): Linear and Embedding
+weights N(0, 0.02), Linear biases 0, the timestep table zeros (its ``global_pos_emb``); the CNN's convolutions keep
+PyTorch's default. With PyTorch's defaults instead, the N(0, 1) timestep rows (norm ~8 at d=64) swamp the state token
+(norm ~0.1 out of the CNN), and training sits on a plateau before any visual feature is learnt (docs/model.md).
+Vector-state models keep PyTorch's defaults, as the Decision Transformer's gym code does.
 """
 from __future__ import annotations
 
@@ -14,6 +20,16 @@ from torch import Tensor
 from mambadm.config import EnvSpec
 
 ATARI_FEATURES = 64 * 7 * 7  # the CNN's flattened output for an 84x84 input
+DT_INIT_STD = 0.02  # the Decision Transformer's (minGPT's) std for Linear / Embedding weights
+
+
+def dt_init(module: nn.Module) -> None:
+    """The Decision Transformer's Atari init of ``module``'s Linear and Embedding layers: N(0, 0.02), bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=DT_INIT_STD)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def atari_encoder(d_model: int, in_channels: int = 4) -> nn.Sequential:
@@ -53,6 +69,9 @@ class TokenEmbedding(nn.Module):
         self.timestep = nn.Embedding(spec.max_timestep, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
+        if atari:
+            dt_init(self)
+            nn.init.zeros_(self.timestep.weight)
 
     def embed_states(self, states: Tensor) -> Tensor:
         """(B, K, *obs_shape) -> (B, K, d); uint8 frames are scaled to [0, 1]."""
@@ -99,6 +118,8 @@ class ActionHead(nn.Module):
         super().__init__()
         self.discrete = spec.discrete
         self.proj = nn.Linear(d_model, spec.act_dim)
+        if spec.obs_kind == "atari":
+            dt_init(self)
 
     def forward(self, h: Tensor) -> Tensor:
         out = self.proj(h)
