@@ -8,7 +8,7 @@ both (branch 0 = global, 1 = local). The result equals `GLoMaBlock.step` (the re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -65,6 +65,15 @@ class PairWeights:
 class PairCache:
     conv: Tensor  # (B, 2, d_inner, d_conv), newest input last
     ssm: Tensor  # (B, 2, d_inner, d_state)
+    # Work buffers of a chunk's (B, 2, L, d_inner, d_state) terms, kept per shape and overwritten by every step: a
+    # fresh tensor of that size costs more in page faults than the arithmetic that fills it (16 Atari envs).
+    scratch: dict = field(default_factory=dict)
+
+    def buffers(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        key = (shape, dtype)
+        if key not in self.scratch:
+            self.scratch[key] = tuple(torch.empty(shape, dtype=dtype, device=self.ssm.device) for _ in range(3))
+        return self.scratch[key]
 
 
 def allocate_pair_cache(block: GLoMaBlock, batch_size: int, device: torch.device) -> PairCache:
@@ -93,11 +102,11 @@ def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
 
     dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
     delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
-    dA = torch.exp(delta[..., None] * w.A)  # (B, 2, L, d_inner, d_state)
+    dA, dBu, states = cache.buffers(delta.shape + (w.d_state,), delta.dtype)  # states: h_j for every token
+    torch.mul(delta[..., None], w.A, out=dA).exp_()  # (B, 2, L, d_inner, d_state)
     if masks is not None:
-        dA = dA * masks.ssm_keep[..., None, None]
-    dBu = (delta * u)[..., None] * Bm[..., None, :]
-    states = torch.empty_like(dBu)  # h_j for every token of the chunk
+        dA.mul_(masks.ssm_keep[..., None, None])
+    torch.mul((delta * u)[..., None], Bm[..., None, :], out=dBu)
     state = cache.ssm
     for j in range(L):
         state = torch.addcmul(dBu[:, :, j], dA[:, :, j], state, out=states[:, :, j])
