@@ -100,14 +100,20 @@ def _fit_entry(x: list[float], y: list[float], n_boot: int) -> dict:
                             "gain_2x_ci": [2.0 ** fit.exponent_ci[0] - 1, 2.0 ** fit.exponent_ci[1] - 1]}
 
 
-def power_law_fits(points: list[Point], axis: str, n_boot: int) -> list[dict]:
-    """One fit per family and per value of the other axis: metric vs `axis` ('n' or 'd') over all seeds."""
+def _along(points: list[Point], axis: str) -> tuple[str, list[tuple[tuple, list[Point]]]]:
+    """(the other axis, [((family, value of the other axis), points)] sorted): the lines along `axis` ('n' or 'd')."""
     other = "d" if axis == "n" else "n"
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for p in points:
         groups[(p.family, getattr(p, other))].append(p)
+    return other, sorted(groups.items())
+
+
+def power_law_fits(points: list[Point], axis: str, n_boot: int) -> list[dict]:
+    """One fit per family and per value of the other axis: metric vs `axis` ('n' or 'd') over all seeds."""
+    other, lines = _along(points, axis)
     fits = []
-    for (family, fixed), pts in sorted(groups.items()):
+    for (family, fixed), pts in lines:
         x = [getattr(p, axis) for p in pts for _ in p.values]
         y = [v for p in pts for v in p.values]
         fits.append({"family": family, "vs": axis, f"fixed_{other}": fixed, **_fit_entry(x, y, n_boot)})
@@ -116,12 +122,9 @@ def power_law_fits(points: list[Point], axis: str, n_boot: int) -> list[dict]:
 
 def relative_gains(points: list[Point], axis: str) -> list[dict]:
     """Relative change of the seed-mean metric between neighbouring sizes along `axis`, the other axis fixed."""
-    other = "d" if axis == "n" else "n"
-    groups: dict[tuple, list[Point]] = defaultdict(list)
-    for p in points:
-        groups[(p.family, getattr(p, other))].append(p)
+    other, lines = _along(points, axis)
     out = []
-    for (family, fixed), pts in sorted(groups.items()):
+    for (family, fixed), pts in lines:
         pts = sorted(pts, key=lambda p: getattr(p, axis))
         for a, b in zip(pts, pts[1:]):
             if not (math.isfinite(a.mean) and math.isfinite(b.mean)) or a.mean == 0:
