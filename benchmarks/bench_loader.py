@@ -36,6 +36,9 @@ from mambadm.export import spec_from_dict  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import train_step  # noqa: E402
+
 CONFIGS = {"default": None, "paper": "configs/data/breakout.yaml", "demo": "configs/train/breakout-demo.yaml"}
 
 
@@ -69,13 +72,9 @@ def train_seconds(model, optim_cfg, batches: list[dict], warmup: int = 2) -> flo
     model.train()
     times = []
     for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        seconds = train_step(model, opt, batch)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return statistics.median(times)
 
 

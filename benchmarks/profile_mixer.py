@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
-    D, build_model, load_config, make_optimizer, make_shards, matched_dt_width, spec_from_dict,
+    D, build_model, load_config, make_optimizer, make_shards, matched_dt_width, spec_from_dict, train_step,
 )
 
 import mambadm.ssm.scan_fast as scan_fast  # noqa: E402
@@ -90,13 +90,9 @@ def train_step_ms(model, batch, timer: ScanTimer, steps: int = 6, warmup: int = 
     totals, scans = [], []
     for i in range(warmup + steps):
         timer.seconds = 0.0
-        start = time.perf_counter()
-        loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        seconds = train_step(model, opt, batch)
         if i >= warmup:
-            totals.append(time.perf_counter() - start)
+            totals.append(seconds)
             scans.append(timer.seconds)
     return 1000 * statistics.median(totals), 1000 * statistics.median(scans)
 
