@@ -39,8 +39,12 @@ build() {  # build DIR ENV_PREFIX MAX_JOBS
         python3 setup.py build_ext --inplace)
 }
 
-mamba=$(ls -d "$src"/mamba_ssm-*/ | head -1)
-conv=$(ls -d "$src"/causal_conv1d-*/ | head -1)
+mamba=$(ls -d "$src"/mamba_ssm-*/ 2>/dev/null | head -1 || true)
+conv=$(ls -d "$src"/causal_conv1d-*/ 2>/dev/null | head -1 || true)
+if [ -z "$mamba" ] || [ -z "$conv" ]; then
+    echo "build_cuda_kernels.sh: $src must hold the unpacked sdists mamba_ssm-<version>/ and causal_conv1d-<version>/" >&2
+    exit 2
+fi
 if [ "${LEAN:-0}" = 1 ]; then python3 "$(dirname "$0")/lean_selective_scan.py" "$mamba" || exit 1; fi
 echo "building for sm_$arch with $jobs jobs (LEAN=${LEAN:-0}): $mamba $conv"
 start=$SECONDS

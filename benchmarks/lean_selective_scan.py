@@ -39,6 +39,8 @@ def drop_branch(lines: list[str], marker: str) -> None:
 def trim(root: Path) -> None:
     csrc = root / "csrc" / "selective_scan"
     switch = csrc / "static_switch.h"
+    if not switch.is_file() or not (root / "setup.py").is_file():
+        raise SystemExit(f"{root}: not an unpacked mamba-ssm source tree ({switch} or setup.py missing)")
     if "TRUE_ONLY_SWITCH" in switch.read_text():
         return
     for name in ("selective_scan_fwd_kernel.cuh", "selective_scan_bwd_kernel.cuh"):
