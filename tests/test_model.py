@@ -45,9 +45,10 @@ def act_episode(model, batch, mode: str, K: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- recurrence
+@pytest.mark.parametrize("backend", ["fast", "cpp"])  # the acting recurrence: tensor ops, or the fused kernel
 @pytest.mark.parametrize("spec", [ATARI, MUJOCO], ids=["atari", "mujoco"])
-def test_recurrent_acting_equals_forward(spec, seed):
-    model = tiny("mambadm", spec)
+def test_recurrent_acting_equals_forward(spec, backend, seed):
+    model = tiny("mambadm", spec, backend=backend)
     batch = random_batch(spec, B=2, K=8)  # 8 steps, windows of 3: local resets at t = 3, 6, K not a multiple
     with torch.no_grad():
         full = model(batch)
@@ -55,10 +56,11 @@ def test_recurrent_acting_equals_forward(spec, seed):
     torch.testing.assert_close(rec, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["fast", "cpp"])
 @pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
-def test_recurrent_per_env_episode_starts(fusion, seed):
+def test_recurrent_per_env_episode_starts(fusion, backend, seed):
     """Envs at different episode steps in one call: env 1 restarts its episode (t = 0) two calls after env 0."""
-    model = tiny("mambadm", MUJOCO, fusion=fusion)
+    model = tiny("mambadm", MUJOCO, fusion=fusion, backend=backend)
     ep = random_batch(MUJOCO, B=2, K=7)
     with torch.no_grad():
         full = model(ep)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 from mambadm.config import ModelConfig
 from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, available_backends
 from mambadm.ssm.mixer import causal_depthwise_conv
+from mambadm.ssm.scan_cpp import cpp_missing
 from mambadm.ssm.scan_cuda import cuda_missing
 
 CUDA_REASON = cuda_missing()
@@ -57,7 +62,7 @@ def test_initialisation_statistics():
     assert torch.allclose(torch.nn.functional.softplus(floored.dt_proj.bias), torch.full((32,), 1e-3), rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["ref", "fast"])
+@pytest.mark.parametrize("backend", ["ref", "fast", "cpp"])
 def test_forward_equals_successive_steps(backend):
     torch.manual_seed(1)
     m = Mamba(24, d_state=8, backend=backend)
@@ -73,10 +78,11 @@ def test_forward_equals_successive_steps(backend):
     assert cache.ssm_state[[0, 2]].abs().sum() == 0 and cache.ssm_state[1].abs().sum() > 0
 
 
-def test_module_grads_fast_match_ref():
+@pytest.mark.parametrize("backend", ["fast", "cpp"])
+def test_module_grads_match_ref(backend):
     torch.manual_seed(2)
     ref = Mamba(32, d_state=16, backend="ref")
-    fast = Mamba(32, d_state=16, backend="fast")
+    fast = Mamba(32, d_state=16, backend=backend)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 45, 32)
     grad = torch.randn(2, 45, 32)
@@ -99,18 +105,42 @@ def test_A_discrete_shape_and_range():
     assert (a[..., 0] > a[..., 3]).all()  # larger |A| decays faster at init
 
 
-def test_auto_resolves_to_fast_on_cpu_logged_once(caplog):
+def test_cpp_kernel_builds_here():
+    """This project's CI machines have a C++ compiler: the fused CPU kernel must build (else auto falls back)."""
+    assert cpp_missing() is None
+
+
+def test_auto_resolves_to_cpp_on_cpu_logged_once(caplog):
     cfg = ModelConfig()
     m = Mamba(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, backend=cfg.backend)
     with caplog.at_level(logging.DEBUG, logger="mambadm.ssm.mixer"):
         m(torch.randn(1, 5, cfg.d_model))
         m(torch.randn(1, 3, cfg.d_model))
         m.step(torch.randn(1, cfg.d_model), m.allocate_cache(1))
-        assert m.backend_in_use == "fast"
+        assert m.backend_in_use == "cpp"
     records = [r for r in caplog.records if "backend" in r.getMessage()]
-    assert len(records) == 1 and "fast" in records[0].getMessage()
+    assert len(records) == 1 and "cpp" in records[0].getMessage()
     assert cfg.backend == "auto"  # the caller's config is never rewritten
-    assert available_backends("cpu") == ["ref", "fast"]
+    assert available_backends("cpu") == ["ref", "fast", "cpp"]
+
+
+def test_without_the_cpp_kernel_auto_falls_back_to_fast_and_cpp_is_a_clear_error():
+    """A machine that cannot build the kernel (here: told not to) trains on `fast`; asking for `cpp` says why not."""
+    code = textwrap.dedent("""
+        import torch
+        from mambadm.ssm import BackendUnavailableError, Mamba, available_backends
+        m = Mamba(16)
+        m(torch.randn(1, 4, 16))
+        print("auto ->", m.backend_in_use, available_backends("cpu"))
+        try:
+            Mamba(16, backend="cpp")(torch.randn(1, 4, 16))
+        except BackendUnavailableError as exc:
+            print("cpp ->", exc)
+    """)
+    env = {**os.environ, "MAMBADM_NO_CPP_SCAN": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "auto -> fast ['ref', 'fast']" in out
+    assert "cpp -> backend='cpp' requested but MAMBADM_NO_CPP_SCAN is set" in out
 
 
 def test_unavailable_or_unknown_backend_raises_clearly():

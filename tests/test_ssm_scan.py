@@ -1,11 +1,14 @@
-"""The selective-scan backends: `fast` against the sequential `ref`, and `ref` against finite differences."""
+"""The selective-scan backends: `fast` and `cpp` against the sequential `ref`, all against finite differences."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mambadm.ssm import selective_scan
+from mambadm.ssm.scan_cpp import scan_rows, selective_scan_cpp
 from mambadm.ssm.scan_fast import selective_scan_fast
+
+CHUNKED = {"fast": selective_scan_fast, "cpp": selective_scan_cpp}  # both take chunk=
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,14 +42,16 @@ SHAPES = [  # batch, d_inner, d_state, L, chunk (None: automatic)
 ]
 
 
+@pytest.mark.parametrize("backend", ["fast", "cpp"])
 @pytest.mark.parametrize("batch,d_inner,d_state,length,chunk", SHAPES)
-def test_fast_matches_ref_outputs_and_grads(batch, d_inner, d_state, length, chunk):
+def test_chunked_backends_match_ref_outputs_and_grads(backend, batch, d_inner, d_state, length, chunk):
     x = _inputs(batch, d_inner, d_state, length, seed=length)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(batch, d_inner, length, generator=g)
     grad_last = torch.randn(batch, d_inner, d_state, generator=g)
     results = []
-    for fn in (lambda **k: selective_scan(**k, backend="ref"), lambda **k: selective_scan_fast(**k, chunk=chunk)):
+    chunked = CHUNKED[backend]
+    for fn in (lambda **k: selective_scan(**k, backend="ref"), lambda **k: chunked(**k, chunk=chunk or 64)):
         out, last = fn(**x, delta_softplus=True, return_last_state=True)
         loss = (out * grad_out).sum() + (last * grad_last).sum()
         results.append((out, last, torch.autograd.grad(loss, list(x.values()))))
@@ -60,12 +65,13 @@ def test_fast_matches_ref_outputs_and_grads(batch, d_inner, d_state, length, chu
             assert _rel(g_fast, g_ref) < 1e-4, name
 
 
-def test_fast_without_optional_inputs_and_large_decay():
+@pytest.mark.parametrize("backend", ["fast", "cpp"])
+def test_without_optional_inputs_and_large_decay(backend):
     """No D / z / bias, and delta * A summing to ~ -1e4 over the sequence: nothing overflows."""
     x = _inputs(2, 4, 16, 200, seed=3)
     args = dict(u=x["u"], delta=(x["delta"].detach().abs() * 5).requires_grad_(), A=x["A"], B=x["B"], C=x["C"])
     ref = selective_scan(**args, backend="ref")
-    fast = selective_scan(**args, backend="fast")
+    fast = selective_scan(**args, backend=backend)
     assert torch.isfinite(fast).all()
     assert _rel(fast, ref) < 1e-5
     g_ref = torch.autograd.grad(ref.square().sum(), list(args.values()))
@@ -74,7 +80,7 @@ def test_fast_without_optional_inputs_and_large_decay():
         assert torch.isfinite(g_f).all() and _rel(g_f, g_r) < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["ref", "fast"])
+@pytest.mark.parametrize("backend", ["ref", "fast", "cpp"])
 def test_gradcheck_float64(backend):
     x = _inputs(2, 3, 2, 5, dtype=torch.float64, seed=7)
     fn = lambda *a: selective_scan(*a, delta_softplus=True, backend=backend)  # noqa: E731
@@ -83,7 +89,7 @@ def test_gradcheck_float64(backend):
 
 def test_output_dtype_follows_input():
     x = {k: v.detach().to(torch.bfloat16) for k, v in _inputs(1, 4, 4, 9).items()}
-    for backend in ("ref", "fast"):
+    for backend in ("ref", "fast", "cpp"):
         assert selective_scan(**x, backend=backend).dtype == torch.bfloat16
 
 
@@ -94,14 +100,56 @@ def test_bad_shapes_are_named():
         selective_scan(**x, backend="ref")
 
 
-def test_fast_gradients_for_a_subset_of_inputs():
+@pytest.mark.parametrize("backend", ["fast", "cpp"])
+def test_gradients_for_a_subset_of_inputs(backend):
     """Only delta and C require grad (the others are constants): those two match ref, the rest get none."""
     x = {k: v.detach() for k, v in _inputs(2, 6, 4, 19, seed=11).items()}
     grads = []
-    for backend in ("ref", "fast"):
+    for backend in ("ref", backend):
         delta, C = x["delta"].clone().requires_grad_(), x["C"].clone().requires_grad_()
         args = {**x, "delta": delta, "C": C}
         out = selective_scan(**args, delta_softplus=True, backend=backend)
         grads.append(torch.autograd.grad(out.square().sum(), [delta, C]))
     for g_ref, g_fast in zip(*grads):
         assert _rel(g_fast, g_ref) < 1e-4
+
+
+def _rows_reference(u, delta, A, B, C, h0, keep):
+    """The recurrence scan_rows computes, as a loop: row r uses A[r % groups]; keep == 0 drops the state."""
+    rows, length, _ = u.shape
+    A_rows = A.repeat(rows // A.shape[0], 1, 1)  # (rows, d, n)
+    h, ys = h0, []
+    for t in range(length):
+        a = torch.exp(delta[:, t, :, None] * A_rows) * keep[:, t, None, None]
+        h = a * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+def test_cpp_rows_with_groups_start_state_and_resets():
+    """The acting entry point: two A groups (the GLoMa branches), a start state, and state resets mid-sequence."""
+    g = torch.Generator().manual_seed(5)
+    rows, length, d, n = 6, 11, 5, 16
+    u, B, C = (torch.randn(rows, length, k, generator=g, dtype=torch.float64) for k in (d, n, n))
+    delta = torch.rand(rows, length, d, generator=g, dtype=torch.float64)
+    A = -torch.rand(2, d, n, generator=g, dtype=torch.float64) * 3
+    h0 = torch.randn(rows, d, n, generator=g, dtype=torch.float64)
+    keep = torch.ones(rows, length, dtype=torch.float64)
+    keep[1, 4] = keep[4, 0] = keep[5, 7] = 0
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, h0)]
+    y, last = scan_rows(u, delta, A, B, C, h0=h0, keep=keep, chunk=4)
+    y_ref, last_ref = _rows_reference(u, delta, A, B, C, h0, keep)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(y[5, 7], _rows_reference(u, delta, A, B, C, h0, torch.ones_like(keep))[0][5, 7])
+
+    def fn(*args):
+        return scan_rows(*args[:5], h0=args[5], keep=keep, chunk=4)
+
+    small = [t[:2, :5, :3].detach().clone().requires_grad_() if t.dim() == 3 and t.shape[0] == rows else t
+             for t in inputs]
+    small[2] = A[:, :3].detach().clone().requires_grad_()
+    small[3], small[4] = (t[:2, :5].detach().clone().requires_grad_() for t in (B, C))
+    small[5] = h0[:2, :3].detach().clone().requires_grad_()
+    keep = keep[:2, :5]
+    assert torch.autograd.gradcheck(fn, tuple(small), eps=1e-6, atol=1e-6)

@@ -4,7 +4,9 @@ At one env per call the cost of a recurrent step is the number of PyTorch ops, n
 layer read the same normed input and have the same shapes, so their weights are stacked once (`PairWeights`,
 snapshotted when the acting state is made) and every projection, the conv, the scan and the gating run once for
 both (branch 0 = global, 1 = local). The result equals `GLoMaBlock.step` (the readable per-branch path) and
-`GLoMaBlock.forward`; tests/test_model.py checks both.
+`GLoMaBlock.forward`; tests/test_model.py checks both. When the mixers run on the `cpp` backend, the chunk's
+recurrence (decays, states, <h, C>) is one call of the fused CPU kernel over both branches (A grouped per branch)
+instead of the tensor ops below it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambadm.model.gloma import GLoMaBlock, SegmentMasks
+from mambadm.ssm.scan_cpp import scan_rows
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PairWeights:
     out_b: Optional[Tensor]  # (2, 1, d)
     dt_rank: int
     d_state: int
+    fused_kernel: bool  # the mixers run on the `cpp` backend: step the recurrence with its kernel
 
     @staticmethod
     @torch.no_grad()
@@ -57,7 +61,7 @@ class PairWeights:
             D=stack(lambda m: m.D)[:, None],
             out_w=stack(lambda m: m.out_proj.weight.t()),
             out_b=None if g.out_proj.bias is None else stack(lambda m: m.out_proj.bias)[:, None],
-            dt_rank=g.dt_rank, d_state=g.d_state,
+            dt_rank=g.dt_rank, d_state=g.d_state, fused_kernel=g.backend_in_use == "cpp",
         )
 
 
@@ -102,22 +106,42 @@ def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
 
     dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
     delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
-    dA, dBu, states = cache.buffers(delta.shape + (w.d_state,), delta.dtype)  # states: h_j for every token
-    torch.mul(delta[..., None], w.A, out=dA).exp_()  # (B, 2, L, d_inner, d_state)
-    if masks is not None:
-        dA.mul_(masks.ssm_keep[..., None, None])
-    torch.mul((delta * u)[..., None], Bm[..., None, :], out=dBu)
-    state = cache.ssm
-    for j in range(L):
-        state = torch.addcmul(dBu[:, :, j], dA[:, :, j], state, out=states[:, :, j])
-    cache.ssm.copy_(state)
-    y = torch.matmul(states, C[..., None])[..., 0]  # (B, 2, L, d_inner): y_j = <h_j, C_j>
+    y = _recurrence_kernel(w, cache, u, delta, Bm, C, masks) if w.fused_kernel else \
+        _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
     y = (y + w.D * u) * F.silu(z)
     out = torch.einsum("bcle,ced->bcld", y, w.out_w)  # (B, 2, L, d); no weight copies per env
     if w.out_b is not None:
         out = out + w.out_b
     out = out.to(h.dtype)
     return out[:, 0], out[:, 1]
+
+
+def _recurrence(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: Tensor, C: Tensor,
+                masks: Optional[SegmentMasks]) -> Tensor:
+    """h_j = exp(delta_j A) h_{j-1} + delta_j u_j B_j over the chunk from cache.ssm (updated); y_j = <h_j, C_j>."""
+    dA, dBu, states = cache.buffers(delta.shape + (w.d_state,), delta.dtype)  # states: h_j for every token
+    torch.mul(delta[..., None], w.A, out=dA).exp_()  # (B, 2, L, d_inner, d_state)
+    if masks is not None:
+        dA.mul_(masks.ssm_keep[..., None, None])
+    torch.mul((delta * u)[..., None], Bm[..., None, :], out=dBu)
+    state = cache.ssm
+    for j in range(delta.shape[2]):
+        state = torch.addcmul(dBu[:, :, j], dA[:, :, j], state, out=states[:, :, j])
+    cache.ssm.copy_(state)
+    return torch.matmul(states, C[..., None])[..., 0]
+
+
+def _recurrence_kernel(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: Tensor, C: Tensor,
+                       masks: Optional[SegmentMasks]) -> Tensor:
+    """`_recurrence` as one call of the fused CPU kernel: rows (env, branch), row r using A[r % 2]."""
+    B, _, L, d_inner = delta.shape
+    rows = B * 2
+    keep = masks.ssm_keep.reshape(rows, L) if masks is not None else None
+    y, last = scan_rows(u.reshape(rows, L, d_inner), delta.reshape(rows, L, d_inner), w.A[:, 0],
+                        Bm.reshape(rows, L, -1), C.reshape(rows, L, -1),
+                        h0=cache.ssm.view(rows, d_inner, -1), keep=keep)
+    cache.ssm.copy_(last.view_as(cache.ssm))
+    return y.view(B, 2, L, d_inner)
 
 
 def layer_step(block: GLoMaBlock, w: PairWeights, cache: PairCache, x: Tensor,

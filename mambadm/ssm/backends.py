@@ -1,9 +1,10 @@
 """One entry point over the selective-scan backends, and the rule that picks one.
 
 `ref`  sequential loop (scan_ref.py), the ground truth;
-`fast` chunked pure-PyTorch scan with a hand-written backward (scan_fast.py), the CPU default;
+`fast` chunked pure-PyTorch scan with a hand-written backward (scan_fast.py), runs anywhere PyTorch does;
+`cpp`  fused C++ CPU kernel (scan_cpp.py), built on first use where a C++ compiler and ninja are present;
 `cuda` mamba_ssm's fused kernel (scan_cuda.py), only when mamba_ssm imports and the tensors are on CUDA;
-`auto` cuda when available and the device is CUDA, else fast.
+`auto` cuda when available and the device is CUDA; on a CPU cpp when it builds, else fast.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 from torch import Tensor
 
 from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
+from mambadm.ssm.scan_cpp import cpp_missing, selective_scan_cpp
 from mambadm.ssm.scan_fast import selective_scan_fast
 from mambadm.ssm.scan_ref import selective_scan_ref
 
-BACKENDS = ("auto", "ref", "fast", "cuda")
+BACKENDS = ("auto", "ref", "fast", "cpp", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -26,6 +28,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     names = ["ref", "fast"]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cpu" and cpp_missing() is None:
+        names.append("cpp")
     if torch.device(device).type == "cuda" and cuda_missing() is None:
         names.append("cuda")
     return names
@@ -45,8 +49,22 @@ def resolve_backend(name: str, device: torch.device | str) -> tuple[str, str]:
                 f"backend='cuda' requested but the tensors are on {device}; move the module to CUDA or use 'fast'"
             )
         return "cuda", "requested"
+    if name == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f"backend='cpp' requested but the tensors are on {device}; it runs on the CPU only"
+            )
+        missing = cpp_missing()
+        if missing is not None:
+            raise BackendUnavailableError(f"backend='cpp' requested but {missing}; use backend='fast' or 'auto'")
+        return "cpp", "requested"
     if name != "auto":
         return name, "requested"
+    if device.type == "cpu":
+        missing = cpp_missing()
+        if missing is not None:
+            return "fast", f"auto: {missing}"
+        return "cpp", "auto: device is cpu and the CPU kernel is built"
     if device.type != "cuda":
         return "fast", f"auto: device is {device.type}"
     missing = cuda_missing()
@@ -75,6 +93,8 @@ def selective_scan(
         fn = selective_scan_ref
     elif name == "fast":
         fn = selective_scan_fast
+    elif name == "cpp":
+        fn = selective_scan_cpp
     else:
         fn = selective_scan_cuda()
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

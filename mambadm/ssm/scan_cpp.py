@@ -1,0 +1,147 @@
+"""`cpp` backend: the fused CPU selective scan in csrc/selective_scan_cpu.cpp, built on first use.
+
+The kernel is compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
+needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
+processes only load it). It keeps each row's state in cache and computes every term of the forward and of the
+backward in one pass over time, where the `fast` backend makes about 19 passes over chunk-sized state tensors.
+Flags: -O3 and fast-math for the compile step only (it lets the compiler vectorise `exp` over d_state; the
+linked library does not change the process's floating-point mode), plus the widest vector ISA this CPU has. The
+ISA is part of the extension's name, so machines sharing one cache never load a build for another CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mambadm.ssm.scan_ref import compute_dtype
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+DEFAULT_CHUNK = 64  # steps between the saved states the backward restarts from
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" once loaded, or "error": why it cannot be
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """(name, flags) of the widest vector ISA that both this CPU and the compiler's target can use."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if capability == "AVX512":
+        return "avx512", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"]
+    if capability == "AVX2":
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+def cpp_missing() -> str | None:
+    """None when the kernel is built and loaded (building it now if needed), else why it cannot be."""
+    with _lock:
+        if "ops" in _state:
+            return None
+        if "error" in _state:
+            return str(_state["error"])
+        if os.environ.get("MAMBADM_NO_CPP_SCAN"):
+            _state["error"] = "MAMBADM_NO_CPP_SCAN is set"
+            return str(_state["error"])
+        try:
+            from torch.utils import cpp_extension
+
+            isa, flags = _isa_flags()
+            logger.info("building/loading the CPU selective-scan kernel (%s); the first build takes ~1 min", isa)
+            cpp_extension.load(
+                name=f"mambadm_scan_cpu_{isa}",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags],
+                is_python_module=False,
+                verbose=False,
+            )
+            _state["ops"] = torch.ops.mambadm_scan_cpu
+            return None
+        except Exception as exc:  # no compiler, no ninja, a failed build: say which
+            _state["error"] = f"the CPU selective-scan kernel could not be built ({type(exc).__name__}: {exc})"
+            return str(_state["error"])
+
+
+def _ops():
+    missing = cpp_missing()
+    if missing is not None:
+        raise RuntimeError(missing)
+    return _state["ops"]
+
+
+class _CppScan(torch.autograd.Function):
+    """out (rows, L, d), last state (rows, d, n) from batch-first u, delta, z (rows, L, d), B, C (rows, L, n) of any
+    strides, A (groups, d, n), D, delta_bias (d,) or None; h0 (rows, d, n) and keep (rows, L, 1) or None."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus: bool, chunk: int):
+        out, last, starts = _ops().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, keep, starts)
+        ctx.softplus, ctx.chunk = softplus, chunk
+        return out, last
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_last: Tensor | None):
+        u, delta, A, B, C, D, z, delta_bias, h0, keep, starts = ctx.saved_tensors
+        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0 = _ops().backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, ctx.chunk, starts, grad_out, grad_last
+        )
+        groups = A.shape[0]
+        g_A = g_A_rows.view(-1, groups, *A.shape[1:]).sum(0)  # row b used A[b % groups]
+        g_D = g_D_rows.sum(0) if D is not None else None
+        g_bias = g_bias_rows.sum(0) if delta_bias is not None else None
+        grads = (g_u, g_delta, g_A, g_B, g_C, g_D, g_z if z is not None else None, g_bias,
+                 g_h0 if h0 is not None else None)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:9])) + (None, None, None)
+
+
+def scan_rows(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+    delta_bias: Tensor | None = None, delta_softplus: bool = False, h0: Tensor | None = None,
+    keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """The kernel on batch-first rows, as `mambadm.model.recurrent` steps both GLoMa branches: (out, last state).
+
+    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,);
+    h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that step.
+    All in one floating dtype (float32 or float64).
+    """
+    keep = None if keep is None else keep.to(u.dtype)[..., None]
+    return _CppScan.apply(u, delta, A, B, C, D, z, delta_bias, h0, keep, delta_softplus, chunk)
+
+
+def selective_scan_cpp(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused CPU selective scan; same arguments and result as `selective_scan_ref` (`chunk`: backward restart
+    interval in steps)."""
+    dtype_in, dtype = u.dtype, compute_dtype(u)
+
+    def batch_first(t: Tensor | None) -> Tensor | None:  # (b, c, L) -> (b, L, c) view in the compute dtype
+        return None if t is None else t.to(dtype).transpose(1, 2)
+
+    def as_dtype(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    out, last = _CppScan.apply(
+        batch_first(u), batch_first(delta), as_dtype(A)[None], batch_first(B), batch_first(C), as_dtype(D),
+        batch_first(z), as_dtype(delta_bias), None, None, delta_softplus, chunk,
+    )
+    out = out.transpose(1, 2).to(dtype_in)
+    return (out, last) if return_last_state else out
