@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambadm.ssm.backends import BACKENDS, resolve_backend, selective_scan
+from mambadm.ssm.scan_cpp import causal_conv_silu_cpp
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class Mamba(nn.Module):
         """SiLU(causal depthwise conv) over the time axis of u (batch, L, d_inner) -> (batch, L, d_inner).
 
         `cuda`: causal_conv1d_fn when installed, else nn.Conv1d, on a contiguous (batch, d_inner, L) copy, the layout
-        of the GPU kernels; `ref` / `fast`: `causal_depthwise_conv` in the batch-first layout, with no copy.
+        of the GPU kernels; `cpp`: the fused CPU kernel; `ref` / `fast`: `causal_depthwise_conv` in the batch-first
+        layout, with no copy.
         """
         if backend == "cuda":
             x = u.transpose(1, 2).contiguous()
@@ -155,6 +157,8 @@ class Mamba(nn.Module):
             else:
                 out = F.silu(self.conv1d(x)[..., : x.shape[-1]])
             return out.transpose(1, 2)
+        if backend == "cpp":
+            return causal_conv_silu_cpp(u, self.conv1d.weight, self.conv1d.bias)
         return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
 
     def _ssm_inputs(self, x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

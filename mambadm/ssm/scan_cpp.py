@@ -1,4 +1,4 @@
-"""`cpp` backend: the fused CPU selective scan in csrc/selective_scan_cpu.cpp, built on first use.
+"""`cpp` backend: the fused CPU selective scan and causal conv + SiLU in csrc/mamba_cpu.cpp, built on first use.
 
 The kernel is compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
 needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
@@ -22,7 +22,7 @@ from mambadm.ssm.scan_ref import compute_dtype
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
 DEFAULT_CHUNK = 64  # steps between the saved states the backward restarts from
 
 _lock = threading.Lock()
@@ -53,18 +53,18 @@ def cpp_missing() -> str | None:
             from torch.utils import cpp_extension
 
             isa, flags = _isa_flags()
-            logger.info("building/loading the CPU selective-scan kernel (%s); the first build takes ~1 min", isa)
+            logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
             cpp_extension.load(
-                name=f"mambadm_scan_cpu_{isa}",
+                name=f"mambadm_cpu_{isa}",
                 sources=[str(SOURCE)],
                 extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags],
                 is_python_module=False,
                 verbose=False,
             )
-            _state["ops"] = torch.ops.mambadm_scan_cpu
+            _state["ops"] = torch.ops.mambadm_cpu
             return None
         except Exception as exc:  # no compiler, no ninja, a failed build: say which
-            _state["error"] = f"the CPU selective-scan kernel could not be built ({type(exc).__name__}: {exc})"
+            _state["error"] = f"the CPU Mamba kernels could not be built ({type(exc).__name__}: {exc})"
             return str(_state["error"])
 
 
@@ -81,7 +81,7 @@ class _CppScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus: bool, chunk: int):
-        out, last, starts = _ops().forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk)
+        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, keep, starts)
         ctx.softplus, ctx.chunk = softplus, chunk
         return out, last
@@ -89,7 +89,7 @@ class _CppScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_last: Tensor | None):
         u, delta, A, B, C, D, z, delta_bias, h0, keep, starts = ctx.saved_tensors
-        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0 = _ops().backward(
+        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0 = _ops().scan_backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, ctx.chunk, starts, grad_out, grad_last
         )
         groups = A.shape[0]
@@ -145,3 +145,27 @@ def selective_scan_cpp(
     )
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
+
+
+class _CppConv(torch.autograd.Function):
+    """silu(causal depthwise conv) of x (rows, L, c) with nn.Conv1d's weight (c, 1, K) and bias (c,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        taps = weight[:, 0, :].t().contiguous()  # (K, c)
+        ctx.save_for_backward(x, taps, bias)
+        return _ops().conv_forward(x, taps, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, taps, bias = ctx.saved_tensors
+        g_x, g_taps_rows, g_bias_rows = _ops().conv_backward(x, taps, bias, grad_out)
+        g_weight = g_taps_rows.sum(0).t()[:, None, :]
+        return g_x, g_weight, g_bias_rows.sum(0) if bias is not None else None
+
+
+def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """silu(`causal_depthwise_conv(x, weight, bias)`) in one kernel: x (batch, L, channels) of any strides."""
+    dtype = compute_dtype(x)
+    bias = None if bias is None else bias.to(dtype)
+    return _CppConv.apply(x.to(dtype), weight.to(dtype), bias).to(x.dtype)

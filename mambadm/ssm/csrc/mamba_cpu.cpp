@@ -1,4 +1,6 @@
-// Fused selective scan for CPUs: the recurrence of scan_ref.py as one loop over time per batch row, with the
+// The Mamba mixer's two sequence kernels for CPUs: the selective scan and the causal depthwise conv + SiLU.
+//
+// Selective scan: the recurrence of scan_ref.py as one loop over time per batch row, with the
 // state (d_inner x d_state) kept in cache and every term of the forward and backward computed in the same pass.
 //
 // With delta' = softplus(delta + delta_bias) (or delta + delta_bias), a_t = keep_t exp(delta'_t A) and
@@ -19,6 +21,13 @@
 // adds up. Inputs may have any strides (channels are made contiguous if they are not). Per-channel terms
 // (softplus, gates, the gradient epilogues) are computed in vectorised passes over channels, and the d_state
 // loops of the recurrences in vectorised passes over states.
+//
+// Causal depthwise conv + SiLU over the time axis of (rows, L, channels), K taps, zeros before the start:
+//
+//     pre_t = bias + sum_k w[:, k] * x_{t-K+1+k},     out_t = silu(pre_t)
+//
+// one pass forward; the backward recomputes pre_t and returns the gradients of x, w and bias (w and bias as
+// per-row partial sums), vectorised over channels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -365,17 +374,138 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   return result;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(mambadm_scan_cpu, m) {
-  m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool softplus, Tensor? h0, Tensor? keep, int chunk) -> Tensor[]");
-  m.def("backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool softplus, Tensor? h0, Tensor? keep, int chunk, Tensor starts, Tensor grad_out, Tensor? grad_last) "
-        "-> Tensor[]");
+template <typename T>
+at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t) {
+  const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
+  at::Tensor out = at::empty({rows, L, Cn}, x_t.options());
+  View3<T> x(x_t);
+  const T* w = w_t.data_ptr<T>();  // (K, channels): tap k of every channel contiguous
+  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : nullptr;
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      for (int64_t t = 0; t < L; ++t) {
+        T* ot = o + (b * L + t) * Cn;
+#pragma omp simd
+        for (int64_t c = 0; c < Cn; ++c) ot[c] = bias ? bias[c] : T(0);
+        for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+          const T* xs = x.row(b, t - K + 1 + k);
+          const T* wk = w + k * Cn;
+#pragma omp simd
+          for (int64_t c = 0; c < Cn; ++c) ot[c] += wk[c] * xs[c];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < Cn; ++c) ot[c] = ot[c] * sigmoid(ot[c]);
+      }
+    }
+  });
+  return out;
 }
 
-TORCH_LIBRARY_IMPL(mambadm_scan_cpu, CPU, m) {
-  m.impl("forward", &scan_forward);
-  m.impl("backward", &scan_backward);
+template <typename T>
+std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t,
+                                           const at::Tensor& go_t) {
+  const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
+  auto opts = x_t.options();
+  at::Tensor g_x = at::zeros({rows, L, Cn}, opts);
+  at::Tensor g_w_rows = at::zeros({rows, K, Cn}, opts);  // summed over rows by the caller
+  at::Tensor g_bias_rows = at::zeros({rows, Cn}, opts);  // idem
+  View3<T> x(x_t), go(go_t);
+  const T* w = w_t.data_ptr<T>();
+  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : nullptr;
+  T *gx = g_x.data_ptr<T>(), *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> g_pre(Cn);
+    for (int64_t b = r0; b < r1; ++b) {
+      T* gwb = gw + b * K * Cn;
+      T* gbb = gb + b * Cn;
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t k0 = std::max<int64_t>(0, K - 1 - t);
+        // recompute pre_t, then g_pre = g_out * silu'(pre_t)
+        T* gp = g_pre.data();
+#pragma omp simd
+        for (int64_t c = 0; c < Cn; ++c) gp[c] = bias ? bias[c] : T(0);
+        for (int64_t k = k0; k < K; ++k) {
+          const T* xs = x.row(b, t - K + 1 + k);
+          const T* wk = w + k * Cn;
+#pragma omp simd
+          for (int64_t c = 0; c < Cn; ++c) gp[c] += wk[c] * xs[c];
+        }
+        const T* gop = go.row(b, t);
+#pragma omp simd
+        for (int64_t c = 0; c < Cn; ++c) {
+          const T sg = sigmoid(gp[c]);
+          gp[c] = gop[c] * sg * (T(1) + gp[c] * (T(1) - sg));
+          gbb[c] += gp[c];
+        }
+        for (int64_t k = k0; k < K; ++k) {
+          const int64_t s = t - K + 1 + k;
+          const T* xs = x.row(b, s);
+          const T* wk = w + k * Cn;
+          T* gxs = gx + (b * L + s) * Cn;
+          T* gwk = gwb + k * Cn;
+#pragma omp simd
+          for (int64_t c = 0; c < Cn; ++c) {
+            gxs[c] += wk[c] * gp[c];
+            gwk[c] += xs[c] * gp[c];
+          }
+        }
+      }
+    }
+  });
+  return {g_x, g_w_rows, g_bias_rows};
+}
+
+void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu(), "causal_conv_silu_cpu: tensors must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, "causal_conv_silu_cpu: x must be (rows, L, channels), got ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(2) && w.scalar_type() == x.scalar_type(),
+              "causal_conv_silu_cpu: w must be (taps, channels=", x.size(2), ") of ", x.scalar_type(), ", got ",
+              w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(!bias || (bias->sizes() == at::IntArrayRef{x.size(2)} && bias->scalar_type() == x.scalar_type()),
+              "causal_conv_silu_cpu: bias must be (channels,) of the input dtype");
+}
+
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_conv(x, w, bias);
+  const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_forward", [&] {
+    out = conv_forward_impl<scalar_t>(xc, w.contiguous(), b);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& grad_out) {
+  check_conv(x, w, bias);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "causal_conv_silu_cpu: grad_out must match x, got ", grad_out.sizes());
+  const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
+  const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_backward", [&] {
+    result = conv_backward_impl<scalar_t>(xc, w.contiguous(), b, go);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mambadm_cpu, m) {
+  m.def("scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk) -> Tensor[]");
+  m.def("scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, Tensor starts, Tensor grad_out, "
+        "Tensor? grad_last) -> Tensor[]");
+  m.def("conv_forward(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("conv_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_out) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(mambadm_cpu, CPU, m) {
+  m.impl("scan_forward", &scan_forward);
+  m.impl("scan_backward", &scan_backward);
+  m.impl("conv_forward", &conv_forward);
+  m.impl("conv_backward", &conv_backward);
 }
