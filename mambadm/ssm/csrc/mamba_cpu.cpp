@@ -34,13 +34,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kChannelBlock = 32;  // channels recomputed together in the backward (buffers stay in L2)
+// Channels per block: the state of a block is (d_state, kLanes) with channels innermost, so every state update,
+// decay and gradient term is a whole vector (one AVX-512 float vector, two AVX2 ones) and no loop over the state
+// ends in a horizontal sum. Channel counts are padded up to a multiple of kLanes inside the kernels.
+constexpr int64_t kLanes = 16;
 
 template <typename T>
 struct View3 {  // a (rows, steps, channels) view whose channels are contiguous
@@ -51,6 +56,28 @@ struct View3 {  // a (rows, steps, channels) view whose channels are contiguous
   const T* row(int64_t b, int64_t t) const { return data + b * s0 + t * s1; }
   explicit operator bool() const { return data != nullptr; }
 };
+
+// exp for the decays inside the vectorised state loops: inlined, so the state stays in vector registers where a
+// call to the vector math library would spill it. float: Cody-Waite range reduction and Cephes' degree-6
+// polynomial, within 2 ulp of std::exp over [-87, 88] (clamped outside); double: std::exp.
+inline float exp_inline(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+inline double exp_inline(double x) { return std::exp(x); }
 
 template <typename T>
 inline T softplus(T x) {
@@ -68,17 +95,18 @@ struct Args {
   int64_t chunk;
 };
 
-// Per-step terms of channels [d0, d0 + nd) of row b, steps [s, s + len), into (len, nd) buffers, vectorised over
-// channels: delta' (dl), x = delta' u (x), and sigmoid(delta + bias) (sig, the softplus derivative) when asked.
+// Per-step terms of the channels of row b, steps [s, s + len), into (len, ld) buffers (ld >= channels; the
+// padding columns are left as they are), vectorised over channels: delta' (dl), x = delta' u (x), and
+// sigmoid(delta + bias) (sig, the softplus derivative) when asked.
 template <typename T>
 void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, bool sp, int64_t b, int64_t s,
-                int64_t len, int64_t d0, int64_t nd, T* dl, T* x, T* sig) {
+                int64_t len, int64_t nd, int64_t ld, T* dl, T* x, T* sig) {
   for (int64_t j = 0; j < len; ++j) {
-    const T* up = u.row(b, s + j) + d0;
-    const T* dp = delta.row(b, s + j) + d0;
-    const T* bp = bias ? bias + d0 : nullptr;
-    T* dlj = dl + j * nd;
-    T* xj = x + j * nd;
+    const T* up = u.row(b, s + j);
+    const T* dp = delta.row(b, s + j);
+    const T* bp = bias;
+    T* dlj = dl + j * ld;
+    T* xj = x + j * ld;
 #pragma omp simd
     for (int64_t i = 0; i < nd; ++i) {
       const T pre = dp[i] + (bp ? bp[i] : T(0));
@@ -87,11 +115,36 @@ void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, bool sp
       xj[i] = v * up[i];
     }
     if (sig && sp) {
-      T* sj = sig + j * nd;
+      T* sj = sig + j * ld;
 #pragma omp simd
       for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dp[i] + (bp ? bp[i] : T(0)));
     }
   }
+}
+
+// A of every group as (groups, d_state, padded channels), channels innermost, zero in the padding.
+template <typename T>
+std::vector<T> lane_major_A(const at::Tensor& A, int64_t Dp) {
+  const int64_t G = A.size(0), Dn = A.size(1), N = A.size(2);
+  const T* src = A.data_ptr<T>();
+  std::vector<T> out(G * N * Dp, T(0));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < Dn; ++d)
+      for (int64_t n = 0; n < N; ++n) out[(g * N + n) * Dp + d] = src[(g * Dn + d) * N + n];
+  return out;
+}
+
+// A row's state between the tensor layout (d_inner, d_state) and the kernels' (block, d_state, lane) layout.
+template <typename T>
+void to_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
+  for (int64_t d = 0; d < Dn; ++d)
+    for (int64_t n = 0; n < N; ++n) dst[((d / kLanes) * N + n) * kLanes + d % kLanes] = src[d * N + n];
+}
+
+template <typename T>
+void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
+  for (int64_t d = 0; d < Dn; ++d)
+    for (int64_t n = 0; n < N; ++n) dst[d * N + n] = src[((d / kLanes) * N + n) * kLanes + d % kLanes];
 }
 
 // NS: d_state known at compile time (16, the default, lets the compiler unroll the state loops), or 0: any.
@@ -100,6 +153,7 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
   const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2), G = a.A.size(0);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = (L + chunk - 1) / chunk;
+  const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
   auto opts = a.u.options();
   at::Tensor out = at::empty({rows, L, Dn}, opts);
   at::Tensor last = at::empty({rows, Dn, N}, opts);
@@ -107,7 +161,7 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
   View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), z, keep;
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const T* A = a.A.data_ptr<T>();
+  const std::vector<T> At = lane_major_A<T>(a.A, Dp);
   const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : nullptr;
   const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : nullptr;
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
@@ -118,37 +172,41 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
 
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     const int64_t T_max = std::min(chunk, L);
-    std::vector<T> dl(T_max * Dn), x(T_max * Dn), y(T_max * Dn);
+    std::vector<T> h(N * Dp), dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), y(T_max * Dp);
     for (int64_t b = r0; b < r1; ++b) {
-      T* h = lst + b * Dn * N;  // the running state lives in the output `last`
-      if (h0) std::copy(h0 + b * Dn * N, h0 + (b + 1) * Dn * N, h);
-      else std::fill(h, h + Dn * N, T(0));
-      const T* Ab = A + (b % G) * Dn * N;
+      std::fill(h.begin(), h.end(), T(0));
+      if (h0) to_lanes(h0 + b * Dn * N, Dn, N, h.data());
+      const T* Ab = At.data() + (b % G) * N * Dp;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
-        std::copy(h, h + Dn * N, st + (b * n_chunks + c) * Dn * N);
-        step_terms(u, delta, bias, sp, b, s, len, 0, Dn, dl.data(), x.data(), static_cast<T*>(nullptr));
+        from_lanes(h.data(), Dn, N, st + (b * n_chunks + c) * Dn * N);
+        step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), static_cast<T*>(nullptr));
         for (int64_t j = 0; j < len; ++j) {
           const T* Bp = B.row(b, s + j);
           const T* Cp = C.row(b, s + j);
           const T k = keep ? keep.row(b, s + j)[0] : T(1);
-          for (int64_t d = 0; d < Dn; ++d) {
-            const T dld = dl[j * Dn + d], xd = x[j * Dn + d];
-            T* hd = h + d * N;
-            const T* Ad = Ab + d * N;
-            T acc = 0;
-#pragma omp simd reduction(+ : acc)
+          for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const T* dlj = dl.data() + j * Dp + blk * kLanes;
+            const T* xj = x.data() + j * Dp + blk * kLanes;
+            T* hb = h.data() + blk * N * kLanes;
+            T acc[kLanes] = {};
             for (int64_t n = 0; n < N; ++n) {
-              const T hn = k * std::exp(dld * Ad[n]) * hd[n] + xd * Bp[n];
-              hd[n] = hn;
-              acc += hn * Cp[n];
+              const T* An = Ab + n * Dp + blk * kLanes;
+              T* hn = hb + n * kLanes;
+              const T bn = Bp[n], cn = Cp[n];
+#pragma omp simd
+              for (int64_t i = 0; i < kLanes; ++i) {
+                const T hv = k * exp_inline(dlj[i] * An[i]) * hn[i] + xj[i] * bn;
+                hn[i] = hv;
+                acc[i] += hv * cn;
+              }
             }
-            y[j * Dn + d] = acc;
+            std::copy(acc, acc + kLanes, y.data() + j * Dp + blk * kLanes);
           }
           // out = (y + D u) * silu(z), vectorised over channels
           const T* up = u.row(b, s + j);
           const T* zp = z ? z.row(b, s + j) : nullptr;
-          const T* yj = y.data() + j * Dn;
+          const T* yj = y.data() + j * Dp;
           T* oj = o + (b * L + s + j) * Dn;
 #pragma omp simd
           for (int64_t d = 0; d < Dn; ++d) {
@@ -157,6 +215,7 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
           }
         }
       }
+      from_lanes(h.data(), Dn, N, lst + b * Dn * N);
     }
   });
   return {out, last, starts};
@@ -168,146 +227,183 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2), G = a.A.size(0);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = starts.size(1);
+  const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
   auto opts = a.u.options();
   at::Tensor g_u = at::empty({rows, L, Dn}, opts), g_delta = at::empty({rows, L, Dn}, opts);
-  at::Tensor g_B = at::zeros({rows, L, N}, opts), g_C = at::zeros({rows, L, N}, opts);
+  at::Tensor g_B = at::empty({rows, L, N}, opts), g_C = at::empty({rows, L, N}, opts);
   at::Tensor g_z = a.z.defined() ? at::empty({rows, L, Dn}, opts) : at::Tensor();
-  at::Tensor g_A_rows = at::zeros({rows, Dn, N}, opts);  // summed over rows by the caller
+  at::Tensor g_A_rows = at::empty({rows, Dn, N}, opts);  // summed over rows by the caller
   at::Tensor g_D_rows = at::zeros({rows, Dn}, opts);     // idem
   at::Tensor g_bias_rows = at::zeros({rows, Dn}, opts);  // idem
-  at::Tensor g_h0 = grad_last.has_value() ? grad_last->contiguous().clone() : at::zeros({rows, Dn, N}, opts);
+  at::Tensor g_h0 = at::empty({rows, Dn, N}, opts);
+  const at::Tensor g_last = grad_last.has_value() ? grad_last->contiguous() : at::Tensor();
 
   View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), go(grad_out_t), z, keep;
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const T* A = a.A.data_ptr<T>();
+  const std::vector<T> At = lane_major_A<T>(a.A, Dp);
   const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : nullptr;
   const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : nullptr;
   const T* st = starts.data_ptr<T>();
+  const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
   T *gu = g_u.data_ptr<T>(), *gdelta = g_delta.data_ptr<T>(), *gB = g_B.data_ptr<T>(), *gC = g_C.data_ptr<T>();
   T* gz = g_z.defined() ? g_z.data_ptr<T>() : nullptr;
   T *gA = g_A_rows.data_ptr<T>(), *gD = g_D_rows.data_ptr<T>(), *gbias = g_bias_rows.data_ptr<T>();
-  T* carry_all = g_h0.data_ptr<T>();  // gradient reaching each row's state from later steps; ends as d h0
+  T* gh0 = g_h0.data_ptr<T>();
   const bool sp = a.softplus;
-  const int64_t blk = std::min(kChannelBlock, Dn);
 
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    const int64_t T_max = std::min(chunk, L);
-    std::vector<T> hbuf((T_max + 1) * blk * N), abuf(T_max * blk * N);
-    std::vector<T> dl(T_max * blk), x(T_max * blk), sig(T_max * blk), y(T_max * blk), gy(T_max * blk);
-    std::vector<T> gx(T_max * blk), gdl(T_max * blk), gBt(N), gCt(N);
+    const int64_t T_max = std::min(chunk, L), NL = N * kLanes;
+    std::vector<T> hbuf((T_max + 1) * NL), abuf(T_max * NL), carry(N * Dp), gA_acc(N * Dp);
+    std::vector<T> dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), sig(T_max * Dp, T(1)), sz(z ? T_max * Dp : 0);
+    std::vector<T> y(T_max * kLanes), gy(T_max * kLanes), gx(T_max * kLanes), ga(T_max * kLanes);
+    std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
     for (int64_t b = r0; b < r1; ++b) {
-      const T* Ab = A + (b % G) * Dn * N;
-      T* carry_b = carry_all + b * Dn * N;
+      const T* Ab = At.data() + (b % G) * N * Dp;
+      std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
+      if (gl) to_lanes(gl + b * Dn * N, Dn, N, carry.data());
+      std::fill(gA_acc.begin(), gA_acc.end(), T(0));
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
-        for (int64_t d0 = 0; d0 < Dn; d0 += blk) {
-          const int64_t nd = std::min(blk, Dn - d0);
-          step_terms(u, delta, bias, sp, b, s, len, d0, nd, dl.data(), x.data(), sig.data());
-          // recompute decays a_t and states (hbuf[j] = h_{s+j-1}) of this chunk and block, and y_t = <h_t, C_t>
-          const T* h_start = st + ((b * n_chunks + c) * Dn + d0) * N;
-          std::copy(h_start, h_start + nd * N, hbuf.begin());
+        step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), sig.data());
+        for (int64_t j = 0; z && j < len; ++j) {  // sigmoid(z), vectorised over all channels at once
+          const T* zp = z.row(b, s + j);
+          T* szj = sz.data() + j * Dp;
+#pragma omp simd
+          for (int64_t d = 0; d < Dn; ++d) szj[d] = sigmoid(zp[d]);
+        }
+        std::fill(gB_lanes.begin(), gB_lanes.begin() + len * NL, T(0));
+        std::fill(gC_lanes.begin(), gC_lanes.begin() + len * NL, T(0));
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+          const int64_t d0 = blk * kLanes, nd = std::min(kLanes, Dn - d0);
+          // recompute decays a_t and states of this chunk and block (hbuf[j] = h_{s+j-1}), and y_t = <h_t, C_t>
+          std::fill(hbuf.begin(), hbuf.begin() + NL, T(0));
+          const T* h_start = st + (b * n_chunks + c) * Dn * N;
+          for (int64_t i = 0; i < nd; ++i)
+            for (int64_t n = 0; n < N; ++n) hbuf[n * kLanes + i] = h_start[(d0 + i) * N + n];
           for (int64_t j = 0; j < len; ++j) {
             const T* Bp = B.row(b, s + j);
             const T* Cp = C.row(b, s + j);
             const T k = keep ? keep.row(b, s + j)[0] : T(1);
-            for (int64_t i = 0; i < nd; ++i) {
-              const T dli = dl[j * nd + i], xi = x[j * nd + i];
-              const T* Ad = Ab + (d0 + i) * N;
-              const T* hp = &hbuf[(j * nd + i) * N];
-              T* hn = &hbuf[((j + 1) * nd + i) * N];
-              T* an = &abuf[(j * nd + i) * N];
-              T acc = 0;
-#pragma omp simd reduction(+ : acc)
-              for (int64_t n = 0; n < N; ++n) {
-                const T av = k * std::exp(dli * Ad[n]);
-                an[n] = av;
-                const T hv = av * hp[n] + xi * Bp[n];
-                hn[n] = hv;
-                acc += hv * Cp[n];
+            const T* dlj = dl.data() + j * Dp + d0;
+            const T* xj = x.data() + j * Dp + d0;
+            T acc[kLanes] = {};
+            for (int64_t n = 0; n < N; ++n) {
+              const T* An = Ab + n * Dp + d0;
+              const T* hp = &hbuf[j * NL + n * kLanes];
+              T* hn = &hbuf[(j + 1) * NL + n * kLanes];
+              T* an = &abuf[j * NL + n * kLanes];
+              const T bn = Bp[n], cn = Cp[n];
+#pragma omp simd
+              for (int64_t i = 0; i < kLanes; ++i) {
+                const T av = k * exp_inline(dlj[i] * An[i]);
+                an[i] = av;
+                const T hv = av * hp[i] + xj[i] * bn;
+                hn[i] = hv;
+                acc[i] += hv * cn;
               }
-              y[j * nd + i] = acc;
             }
+            std::copy(acc, acc + kLanes, &y[j * kLanes]);
           }
-          // out = (y + D u) * silu(z): gradients of z and D, and gy, the gradient of y
+          // out = (y + D u) * silu(z): gradients of z and D, and gy, the gradient of y (zero in the padding)
           for (int64_t j = 0; j < len; ++j) {
             const int64_t t = s + j;
             const T* up = u.row(b, t) + d0;
             const T* gop = go.row(b, t) + d0;
             const T* zp = z ? z.row(b, t) + d0 : nullptr;
             T* gzp = gz ? gz + (b * L + t) * Dn + d0 : nullptr;
-            const T* Dp = Dv ? Dv + d0 : nullptr;
+            const T* Dp_ = Dv ? Dv + d0 : nullptr;
             T* gDp = gD + b * Dn + d0;
-            T* gyj = gy.data() + j * nd;
-            const T* yj = y.data() + j * nd;
+            const T* szj = sz.data() + j * Dp + d0;
+            T* gyj = &gy[j * kLanes];
+            const T* yj = &y[j * kLanes];
+            std::fill(gyj + nd, gyj + kLanes, T(0));
 #pragma omp simd
             for (int64_t i = 0; i < nd; ++i) {
               T g = gop[i];
               if (zp) {
-                const T yv = yj[i] + (Dp ? Dp[i] * up[i] : T(0));
-                const T sg = sigmoid(zp[i]);
+                const T yv = yj[i] + (Dp_ ? Dp_[i] * up[i] : T(0));
+                const T sg = szj[i];
                 gzp[i] = g * yv * sg * (T(1) + zp[i] * (T(1) - sg));
                 g *= zp[i] * sg;
               }
               gyj[i] = g;
-              if (Dp) gDp[i] += g * up[i];
+              if (Dp_) gDp[i] += g * up[i];
             }
           }
           // adjoint recurrence, backwards through the chunk
+          T* cr = carry.data() + blk * NL;
+          T* gAb = gA_acc.data() + blk * NL;
           for (int64_t j = len - 1; j >= 0; --j) {
-            const int64_t t = s + j;
-            const T* Bp = B.row(b, t);
-            const T* Cp = C.row(b, t);
-            std::fill(gBt.begin(), gBt.end(), T(0));
-            std::fill(gCt.begin(), gCt.end(), T(0));
-            T *gBp = gBt.data(), *gCp = gCt.data();
-            for (int64_t i = 0; i < nd; ++i) {
-              const T dli = dl[j * nd + i], xi = x[j * nd + i], gyi = gy[j * nd + i];
-              const T* hp = &hbuf[(j * nd + i) * N];         // h_{t-1}
-              const T* hn = &hbuf[((j + 1) * nd + i) * N];  // h_t
-              const T* an = &abuf[(j * nd + i) * N];
-              const T* Ad = Ab + (d0 + i) * N;
-              T* cr = carry_b + (d0 + i) * N;
-              T* gAd = gA + (b * Dn + d0 + i) * N;
-              T g_x = 0, g_a = 0;  // sum_n g B_t, sum_n g a h_{t-1} A
-#pragma omp simd reduction(+ : g_x, g_a)
-              for (int64_t n = 0; n < N; ++n) {
-                const T g = gyi * Cp[n] + cr[n];
-                gCp[n] += gyi * hn[n];
-                gBp[n] += g * xi;
-                g_x += g * Bp[n];
-                const T gda = g * an[n] * hp[n];
-                g_a += gda * Ad[n];
-                gAd[n] += gda * dli;
-                cr[n] = an[n] * g;
+            const T* Bp = B.row(b, s + j);
+            const T* Cp = C.row(b, s + j);
+            const T* dlj = dl.data() + j * Dp + d0;
+            const T* xj = x.data() + j * Dp + d0;
+            const T* gyj = &gy[j * kLanes];
+            T g_x[kLanes] = {}, g_a[kLanes] = {};  // sum_n g B_t, sum_n g a h_{t-1} A
+            for (int64_t n = 0; n < N; ++n) {
+              const T* An = Ab + n * Dp + d0;
+              const T* hp = &hbuf[j * NL + n * kLanes];        // h_{t-1}
+              const T* hn = &hbuf[(j + 1) * NL + n * kLanes];  // h_t
+              const T* an = &abuf[j * NL + n * kLanes];
+              T* crn = cr + n * kLanes;
+              T* gAn = gAb + n * kLanes;
+              T* gBn = &gB_lanes[j * NL + n * kLanes];
+              T* gCn = &gC_lanes[j * NL + n * kLanes];
+              const T bn = Bp[n], cn = Cp[n];
+#pragma omp simd
+              for (int64_t i = 0; i < kLanes; ++i) {
+                const T g = gyj[i] * cn + crn[i];
+                gCn[i] += gyj[i] * hn[i];
+                gBn[i] += g * xj[i];
+                g_x[i] += g * bn;
+                const T gda = g * an[i] * hp[i];
+                g_a[i] += gda * An[i];
+                gAn[i] += gda * dlj[i];
+                crn[i] = an[i] * g;
               }
-              gx[j * nd + i] = g_x;
-              gdl[j * nd + i] = g_a;
             }
-            T* gBrow = gB + (b * L + t) * N;
-            T* gCrow = gC + (b * L + t) * N;
-            for (int64_t n = 0; n < N; ++n) { gBrow[n] += gBp[n]; gCrow[n] += gCp[n]; }
+            std::copy(g_x, g_x + kLanes, &gx[j * kLanes]);
+            std::copy(g_a, g_a + kLanes, &ga[j * kLanes]);
           }
           // x = delta' u and a = exp(delta' A): gradients of u, delta (through the softplus) and delta_bias
           for (int64_t j = 0; j < len; ++j) {
             const int64_t t = s + j;
             const T* up = u.row(b, t) + d0;
-            const T* Dp = Dv ? Dv + d0 : nullptr;
+            const T* Dp_ = Dv ? Dv + d0 : nullptr;
+            const T* dlj = dl.data() + j * Dp + d0;
+            const T* sj = sig.data() + j * Dp + d0;
             T* gup = gu + (b * L + t) * Dn + d0;
             T* gdp = gdelta + (b * L + t) * Dn + d0;
             T* gbp = gbias + b * Dn + d0;
-            const int64_t o = j * nd;
+            const int64_t o = j * kLanes;
 #pragma omp simd
             for (int64_t i = 0; i < nd; ++i) {
-              gup[i] = gx[o + i] * dl[o + i] + (Dp ? gy[o + i] * Dp[i] : T(0));
-              T g_pre = gdl[o + i] + gx[o + i] * up[i];
-              if (sp) g_pre *= sig[o + i];
+              gup[i] = gx[o + i] * dlj[i] + (Dp_ ? gy[o + i] * Dp_[i] : T(0));
+              T g_pre = ga[o + i] + gx[o + i] * up[i];
+              if (sp) g_pre *= sj[i];
               gdp[i] = g_pre;
               if (bias) gbp[i] += g_pre;
             }
           }
         }
+        // dB_t, dC_t: the per-lane partial sums added up
+        for (int64_t j = 0; j < len; ++j) {
+          T* gBrow = gB + (b * L + s + j) * N;
+          T* gCrow = gC + (b * L + s + j) * N;
+          for (int64_t n = 0; n < N; ++n) {
+            T sb = 0, sc = 0;
+            const T* pb = &gB_lanes[j * NL + n * kLanes];
+            const T* pc = &gC_lanes[j * NL + n * kLanes];
+#pragma omp simd reduction(+ : sb, sc)
+            for (int64_t i = 0; i < kLanes; ++i) { sb += pb[i]; sc += pc[i]; }
+            gBrow[n] = sb;
+            gCrow[n] = sc;
+          }
+        }
       }
+      from_lanes(carry.data(), Dn, N, gh0 + b * Dn * N);
+      from_lanes(gA_acc.data(), Dn, N, gA + b * Dn * N);
     }
   });
   return {g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0};
