@@ -1,4 +1,4 @@
-"""Benchmark one Mamba mixer block, forward + backward on CPU: `fast` vs `ref` vs mambapy's pscan MambaBlock.
+"""Benchmark one Mamba mixer block, forward + backward on CPU: `cpp` and `fast` vs `ref` vs mambapy's pscan MambaBlock.
 
 Every (implementation, L, d_model) case runs in a fresh subprocess, which reports its time per iteration, its peak
 resident set size (getrusage ru_maxrss of that process, so the figure includes the ~0.23 GB of the Python + torch
@@ -20,10 +20,11 @@ import sys
 import threading
 import time
 
-IMPLS = ("fast", "ref", "mambapy")
+IMPLS = ("cpp", "fast", "ref", "mambapy")
+OURS = ("cpp", "fast")  # the backends compared against the others
 # Rough peak bytes per element of the (batch, L, d_inner, d_state) state tensor, from measured runs; used only to
 # skip cases that would pass the RSS limit.
-BYTES_PER_STATE_ELEMENT = {"fast": 5.0, "ref": 42.0, "mambapy": 50.0}
+BYTES_PER_STATE_ELEMENT = {"cpp": 5.0, "fast": 5.0, "ref": 42.0, "mambapy": 50.0}
 BASE_RSS_GB = 0.4
 
 
@@ -133,21 +134,23 @@ def main() -> None:
         return f"{b[key] / a[key]:.1f}x" if key in a and key in b else "-"
 
     header = ["L", "d_model"] + [f"{i} (time / peak RSS (own))" for i in args.impl]
-    extra = []
-    if "fast" in args.impl:
-        extra = [f"fast speed-up vs {i}" for i in args.impl if i != "fast"] + \
-                [f"{i} / fast: peak RSS (own)" for i in args.impl if i == "mambapy"]
+    ours = [o for o in OURS if o in args.impl]
+    others = [i for i in args.impl if i not in OURS]
+    extra = [f"{o} speed-up vs {i}" for o in ours for i in args.impl if i != o and not (o == "fast" and i == "cpp")]
+    extra += [f"mambapy / {o}: peak RSS (own)" for o in ours if "mambapy" in others]
     print(f"\nbatch {args.batch}, forward + backward of one mixer block, {args.threads} torch thread(s); load average "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end\n")
     print("| " + " | ".join(header + extra) + " |")
     print("|" + "---|" * (len(header) + len(extra)))
     for length, d in cases:
         row = [str(length), str(d)] + [cell(results[(i, length, d)]) for i in args.impl]
-        if extra:
-            fast = results[("fast", length, d)]
-            row += [ratio(fast, results[(i, length, d)], "ms") for i in args.impl if i != "fast"]
-            row += [f"{ratio(fast, results[(i, length, d)], 'peak_rss_gb')} ({ratio(fast, results[(i, length, d)], 'own_gb')})"
-                    for i in args.impl if i == "mambapy"]
+        for o in ours:
+            row += [ratio(results[(o, length, d)], results[(i, length, d)], "ms")
+                    for i in args.impl if i != o and not (o == "fast" and i == "cpp")]
+        if "mambapy" in others:
+            mp = results[("mambapy", length, d)]
+            row += [f"{ratio(results[(o, length, d)], mp, 'peak_rss_gb')} ({ratio(results[(o, length, d)], mp, 'own_gb')})"
+                    for o in ours]
         print("| " + " | ".join(row) + " |")
 
 

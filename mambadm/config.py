@@ -80,6 +80,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     grad_accum: int = 1
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA): one pass over all parameters per step
 
 
 @dataclass

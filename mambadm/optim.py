@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                             betas=tuple(optim_cfg.betas))
+                             betas=tuple(optim_cfg.betas), fused=bool(optim_cfg.fused))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

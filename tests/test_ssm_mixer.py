@@ -14,7 +14,7 @@ import torch
 from mambadm.config import ModelConfig
 from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, available_backends
 from mambadm.ssm.mixer import causal_depthwise_conv
-from mambadm.ssm.scan_cpp import cpp_missing
+from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, cpp_missing
 from mambadm.ssm.scan_cuda import cuda_missing
 
 CUDA_REASON = cuda_missing()
@@ -189,3 +189,27 @@ def test_causal_depthwise_conv_equals_conv1d(bias):
     short = torch.randn(2, 2, 6)  # fewer steps than taps
     assert torch.allclose(causal_depthwise_conv(short, conv.weight, conv.bias),
                           conv(short.transpose(1, 2))[..., :2].transpose(1, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("length", [1, 2, 23])  # fewer steps than taps, and many
+def test_cpp_conv_silu_equals_reference(bias, length):
+    """The fused CPU conv + SiLU == SiLU(causal_depthwise_conv), with gradients, on a strided view like in_proj's."""
+    torch.manual_seed(6)
+    conv = torch.nn.Conv1d(20, 20, kernel_size=4, groups=20, padding=3, bias=bias)
+    u = torch.randn(3, length, 40)[..., :20].requires_grad_()  # channel-contiguous, row stride 40
+    grad = torch.randn(3, length, 20)
+    outs = []
+    for fn in (lambda x: torch.nn.functional.silu(causal_depthwise_conv(x, conv.weight, conv.bias)),
+               lambda x: causal_conv_silu_cpp(x, conv.weight, conv.bias)):
+        y = fn(u)
+        params = [u, conv.weight] + ([conv.bias] if bias else [])
+        outs.append((y, torch.autograd.grad(y, params, grad)))
+    (y_ref, g_ref), (y_cpp, g_cpp) = outs
+    assert (y_cpp - y_ref).abs().max() < 1e-6
+    for a, b in zip(g_cpp, g_ref):
+        assert (a - b).abs().max() < 1e-5
+    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: causal_conv_silu_cpp(*a, b), (x, w))

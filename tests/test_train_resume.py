@@ -14,7 +14,7 @@ import torch
 from tests.real_shards import ENV, REPO, metrics, real_shards, run_train, train_cmd
 
 pytestmark = pytest.mark.slow
-ARGS = ("train.steps=30", "train.ckpt_every=10", "train.val_every=10", "train.keep_last=1", "data.num_workers=1",
+ARGS = ("train.steps=40", "train.ckpt_every=10", "train.val_every=10", "train.keep_last=1", "data.num_workers=1",
         "data.val_shards=1", "train.val_batches=3")
 
 
@@ -33,8 +33,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(hopper, tmp_path):
     while not (killed / "checkpoints" / "step-00000010").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # at once: with the CPU kernels the 30 remaining steps take about a second
     proc.wait()
     assert not (killed / "export").exists()
     # a stale tmp checkpoint from a later step must never be loaded
@@ -45,7 +44,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(hopper, tmp_path):
     result = run_train(train_cmd(hopper, killed, *ARGS))
     assert "resumed from" in result.stdout and "step-00000099" not in result.stdout
     steps = [r["step"] for r in metrics(killed)]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # no duplicated rows from the killed run
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicated rows from the killed run
     a = torch.load(straight / "export" / "model.pt", weights_only=True)
     b = torch.load(killed / "export" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -53,4 +52,4 @@ def test_kill_and_resume_matches_an_uninterrupted_run(hopper, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
     assert not list((killed / "checkpoints").glob("tmp-*"))
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
-    assert "step-00000030" in kept and len(kept) <= 2  # keep_last=1 plus the best
+    assert "step-00000040" in kept and len(kept) <= 2  # keep_last=1 plus the best
