@@ -81,7 +81,9 @@ class _CppScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus: bool, chunk: int):
-        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk)
+        need_backward = any(ctx.needs_input_grad[:9])  # else no chunk-start states are kept (acting)
+        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk,
+                                                need_backward)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, keep, starts)
         ctx.softplus, ctx.chunk = softplus, chunk
         return out, last

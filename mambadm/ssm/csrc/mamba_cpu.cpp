@@ -97,7 +97,9 @@ struct Args {
 
 // Per-step terms of the channels of row b, steps [s, s + len), into (len, ld) buffers (ld >= channels; the
 // padding columns are left as they are), vectorised over channels: delta' (dl), x = delta' u (x), and
-// sigmoid(delta + bias) (sig, the softplus derivative) when asked.
+// sigmoid(delta + bias) (sig, the softplus derivative) when asked. `bias` is never null (zeros when absent).
+// Optional terms are switched outside the vector loops, never inside: a select in a vectorised loop evaluates
+// both sides, and the side that is not taken can produce denormals that slow every later operation 3-4x.
 template <typename T>
 void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, bool sp, int64_t b, int64_t s,
                 int64_t len, int64_t nd, int64_t ld, T* dl, T* x, T* sig) {
@@ -107,17 +109,25 @@ void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, bool sp
     const T* bp = bias;
     T* dlj = dl + j * ld;
     T* xj = x + j * ld;
+    if (sp) {
 #pragma omp simd
-    for (int64_t i = 0; i < nd; ++i) {
-      const T pre = dp[i] + (bp ? bp[i] : T(0));
-      const T v = sp ? softplus(pre) : pre;
-      dlj[i] = v;
-      xj[i] = v * up[i];
-    }
-    if (sig && sp) {
-      T* sj = sig + j * ld;
+      for (int64_t i = 0; i < nd; ++i) {
+        const T v = softplus(dp[i] + bp[i]);
+        dlj[i] = v;
+        xj[i] = v * up[i];
+      }
+      if (sig) {
+        T* sj = sig + j * ld;
 #pragma omp simd
-      for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dp[i] + (bp ? bp[i] : T(0)));
+        for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dp[i] + bp[i]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < nd; ++i) {
+        const T v = dp[i] + bp[i];
+        dlj[i] = v;
+        xj[i] = v * up[i];
+      }
     }
   }
 }
@@ -137,19 +147,32 @@ std::vector<T> lane_major_A(const at::Tensor& A, int64_t Dp) {
 // A row's state between the tensor layout (d_inner, d_state) and the kernels' (block, d_state, lane) layout.
 template <typename T>
 void to_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
-  for (int64_t d = 0; d < Dn; ++d)
-    for (int64_t n = 0; n < N; ++n) dst[((d / kLanes) * N + n) * kLanes + d % kLanes] = src[d * N + n];
+  for (int64_t d0 = 0; d0 < Dn; d0 += kLanes) {
+    const int64_t nd = std::min(kLanes, Dn - d0);
+    T* blk = dst + (d0 / kLanes) * N * kLanes;
+    for (int64_t i = 0; i < nd; ++i) {
+      const T* row = src + (d0 + i) * N;
+      for (int64_t n = 0; n < N; ++n) blk[n * kLanes + i] = row[n];
+    }
+  }
 }
 
 template <typename T>
 void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
-  for (int64_t d = 0; d < Dn; ++d)
-    for (int64_t n = 0; n < N; ++n) dst[d * N + n] = src[((d / kLanes) * N + n) * kLanes + d % kLanes];
+  for (int64_t d0 = 0; d0 < Dn; d0 += kLanes) {
+    const int64_t nd = std::min(kLanes, Dn - d0);
+    const T* blk = src + (d0 / kLanes) * N * kLanes;
+    for (int64_t i = 0; i < nd; ++i) {
+      T* row = dst + (d0 + i) * N;
+      for (int64_t n = 0; n < N; ++n) row[n] = blk[n * kLanes + i];
+    }
+  }
 }
 
 // NS: d_state known at compile time (16, the default, lets the compiler unroll the state loops), or 0: any.
+// save_starts: keep the state at every chunk start (lane layout) for the backward; off when no gradient is needed.
 template <typename T, int64_t NS>
-std::vector<at::Tensor> forward_impl(const Args& a) {
+std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2), G = a.A.size(0);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = (L + chunk - 1) / chunk;
@@ -157,17 +180,19 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
   auto opts = a.u.options();
   at::Tensor out = at::empty({rows, L, Dn}, opts);
   at::Tensor last = at::empty({rows, Dn, N}, opts);
-  at::Tensor starts = at::empty({rows, std::max<int64_t>(n_chunks, 1), Dn, N}, opts);
+  at::Tensor starts = save_starts ? at::empty({rows, std::max<int64_t>(n_chunks, 1), N * Dp}, opts)
+                                  : at::empty({0}, opts);
   View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), z, keep;
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : nullptr;
-  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : nullptr;
+  const std::vector<T> zeros(Dn, T(0));  // D and delta_bias when absent
+  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();
+  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   T* lst = last.data_ptr<T>();
-  T* st = starts.data_ptr<T>();
+  T* st = save_starts ? starts.data_ptr<T>() : nullptr;
   const bool sp = a.softplus;
 
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
@@ -179,7 +204,7 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
       const T* Ab = At.data() + (b % G) * N * Dp;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
-        from_lanes(h.data(), Dn, N, st + (b * n_chunks + c) * Dn * N);
+        if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
         step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), static_cast<T*>(nullptr));
         for (int64_t j = 0; j < len; ++j) {
           const T* Bp = B.row(b, s + j);
@@ -208,10 +233,12 @@ std::vector<at::Tensor> forward_impl(const Args& a) {
           const T* zp = z ? z.row(b, s + j) : nullptr;
           const T* yj = y.data() + j * Dp;
           T* oj = o + (b * L + s + j) * Dn;
+          if (zp) {
 #pragma omp simd
-          for (int64_t d = 0; d < Dn; ++d) {
-            T v = yj[d] + (Dv ? Dv[d] * up[d] : T(0));
-            oj[d] = zp ? v * zp[d] * sigmoid(zp[d]) : v;
+            for (int64_t d = 0; d < Dn; ++d) oj[d] = (yj[d] + Dv[d] * up[d]) * zp[d] * sigmoid(zp[d]);
+          } else {
+#pragma omp simd
+            for (int64_t d = 0; d < Dn; ++d) oj[d] = yj[d] + Dv[d] * up[d];
           }
         }
       }
@@ -242,8 +269,9 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : nullptr;
-  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : nullptr;
+  const std::vector<T> zeros(Dn, T(0));  // D and delta_bias when absent
+  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();
+  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();
   const T* st = starts.data_ptr<T>();
   const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
   T *gu = g_u.data_ptr<T>(), *gdelta = g_delta.data_ptr<T>(), *gB = g_B.data_ptr<T>(), *gC = g_C.data_ptr<T>();
@@ -277,10 +305,8 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
           const int64_t d0 = blk * kLanes, nd = std::min(kLanes, Dn - d0);
           // recompute decays a_t and states of this chunk and block (hbuf[j] = h_{s+j-1}), and y_t = <h_t, C_t>
-          std::fill(hbuf.begin(), hbuf.begin() + NL, T(0));
-          const T* h_start = st + (b * n_chunks + c) * Dn * N;
-          for (int64_t i = 0; i < nd; ++i)
-            for (int64_t n = 0; n < N; ++n) hbuf[n * kLanes + i] = h_start[(d0 + i) * N + n];
+          const T* h_start = st + (b * n_chunks + c) * N * Dp + blk * NL;
+          std::copy(h_start, h_start + NL, hbuf.begin());
           for (int64_t j = 0; j < len; ++j) {
             const T* Bp = B.row(b, s + j);
             const T* Cp = C.row(b, s + j);
@@ -312,24 +338,24 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
             const T* gop = go.row(b, t) + d0;
             const T* zp = z ? z.row(b, t) + d0 : nullptr;
             T* gzp = gz ? gz + (b * L + t) * Dn + d0 : nullptr;
-            const T* Dp_ = Dv ? Dv + d0 : nullptr;
+            const T* Dp_ = Dv + d0;
             T* gDp = gD + b * Dn + d0;
-            const T* szj = sz.data() + j * Dp + d0;
             T* gyj = &gy[j * kLanes];
             const T* yj = &y[j * kLanes];
             std::fill(gyj + nd, gyj + kLanes, T(0));
+            if (zp) {
+              const T* szj = sz.data() + j * Dp + d0;
 #pragma omp simd
-            for (int64_t i = 0; i < nd; ++i) {
-              T g = gop[i];
-              if (zp) {
-                const T yv = yj[i] + (Dp_ ? Dp_[i] * up[i] : T(0));
-                const T sg = szj[i];
-                gzp[i] = g * yv * sg * (T(1) + zp[i] * (T(1) - sg));
-                g *= zp[i] * sg;
+              for (int64_t i = 0; i < nd; ++i) {
+                const T yv = yj[i] + Dp_[i] * up[i], sg = szj[i];
+                gzp[i] = gop[i] * yv * sg * (T(1) + zp[i] * (T(1) - sg));
+                gyj[i] = gop[i] * zp[i] * sg;
               }
-              gyj[i] = g;
-              if (Dp_) gDp[i] += g * up[i];
+            } else {
+              std::copy(gop, gop + nd, gyj);
             }
+#pragma omp simd
+            for (int64_t i = 0; i < nd; ++i) gDp[i] += gyj[i] * up[i];
           }
           // adjoint recurrence, backwards through the chunk
           T* cr = carry.data() + blk * NL;
@@ -370,7 +396,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           for (int64_t j = 0; j < len; ++j) {
             const int64_t t = s + j;
             const T* up = u.row(b, t) + d0;
-            const T* Dp_ = Dv ? Dv + d0 : nullptr;
+            const T* Dp_ = Dv + d0;
             const T* dlj = dl.data() + j * Dp + d0;
             const T* sj = sig.data() + j * Dp + d0;
             T* gup = gu + (b * L + t) * Dn + d0;
@@ -379,11 +405,10 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
             const int64_t o = j * kLanes;
 #pragma omp simd
             for (int64_t i = 0; i < nd; ++i) {
-              gup[i] = gx[o + i] * dlj[i] + (Dp_ ? gy[o + i] * Dp_[i] : T(0));
-              T g_pre = ga[o + i] + gx[o + i] * up[i];
-              if (sp) g_pre *= sj[i];
+              gup[i] = gx[o + i] * dlj[i] + gy[o + i] * Dp_[i];
+              const T g_pre = (ga[o + i] + gx[o + i] * up[i]) * sj[i];  // sj: the softplus derivative, or 1
               gdp[i] = g_pre;
-              if (bias) gbp[i] += g_pre;
+              gbp[i] += g_pre;
             }
           }
         }
@@ -444,11 +469,12 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                                      const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                                      const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                                      bool softplus, const std::optional<at::Tensor>& h0,
-                                     const std::optional<at::Tensor>& keep, int64_t chunk) {
+                                     const std::optional<at::Tensor>& keep, int64_t chunk, bool save_starts) {
   Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk);
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
-    result = a.A.size(2) == 16 ? forward_impl<scalar_t, 16>(a) : forward_impl<scalar_t, 0>(a);
+    result = a.A.size(2) == 16 ? forward_impl<scalar_t, 16>(a, save_starts)
+                               : forward_impl<scalar_t, 0>(a, save_starts);
   });
   return result;
 }
@@ -461,6 +487,10 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_last) {
   Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk);
   TORCH_CHECK(grad_out.sizes() == u.sizes(), "selective_scan_cpu: grad_out must match u, got ", grad_out.sizes());
+  const int64_t lanes = (u.size(2) + kLanes - 1) / kLanes * kLanes * A.size(2);
+  TORCH_CHECK(starts.dim() == 3 && starts.size(0) == u.size(0) && starts.size(2) == lanes,
+              "selective_scan_cpu: starts must be the forward's saved states (run it with save_starts), got ",
+              starts.sizes());
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
     const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
@@ -476,14 +506,15 @@ at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const
   at::Tensor out = at::empty({rows, L, Cn}, x_t.options());
   View3<T> x(x_t);
   const T* w = w_t.data_ptr<T>();  // (K, channels): tap k of every channel contiguous
-  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : nullptr;
+  const std::vector<T> zeros(Cn, T(0));
+  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
       for (int64_t t = 0; t < L; ++t) {
         T* ot = o + (b * L + t) * Cn;
 #pragma omp simd
-        for (int64_t c = 0; c < Cn; ++c) ot[c] = bias ? bias[c] : T(0);
+        for (int64_t c = 0; c < Cn; ++c) ot[c] = bias[c];
         for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
           const T* xs = x.row(b, t - K + 1 + k);
           const T* wk = w + k * Cn;
@@ -508,7 +539,8 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
   at::Tensor g_bias_rows = at::zeros({rows, Cn}, opts);  // idem
   View3<T> x(x_t), go(go_t);
   const T* w = w_t.data_ptr<T>();
-  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : nullptr;
+  const std::vector<T> zeros(Cn, T(0));
+  const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
   T *gx = g_x.data_ptr<T>(), *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> g_pre(Cn);
@@ -520,7 +552,7 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
         // recompute pre_t, then g_pre = g_out * silu'(pre_t)
         T* gp = g_pre.data();
 #pragma omp simd
-        for (int64_t c = 0; c < Cn; ++c) gp[c] = bias ? bias[c] : T(0);
+        for (int64_t c = 0; c < Cn; ++c) gp[c] = bias[c];
         for (int64_t k = k0; k < K; ++k) {
           const T* xs = x.row(b, t - K + 1 + k);
           const T* wk = w + k * Cn;
@@ -591,7 +623,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
 
 TORCH_LIBRARY(mambadm_cpu, m) {
   m.def("scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk) -> Tensor[]");
+        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, bool save_starts) -> Tensor[]");
   m.def("scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, Tensor starts, Tensor grad_out, "
         "Tensor? grad_last) -> Tensor[]");
