@@ -2,14 +2,17 @@
 
 Part 1, one `Mamba` mixer block, forward + backward, batch 16, 1 thread: the block's time, the time of its
 `selective_scan` call alone on the same inputs (bias, softplus, recurrence, D skip, silu gate), the rest (in_proj,
-conv, x_proj, dt_proj, out_proj, layout) as the difference, and the number of ops the profiler records. Because
-`fast` and `ref` share every non-scan op, block(ref) / rest is the largest fast-vs-ref ratio any scan could reach.
+conv, x_proj, dt_proj, out_proj, layout) as the difference, and the number of ops the profiler records, for each
+backend in --backends. `fast` and `ref` share every non-scan op (`cpp` also fuses the conv), so for them
+block(ref) / rest is the largest speed-up over `ref` any scan could reach.
 
 Part 2, one MambaDM training step (forward, loss, backward, AdamW) at each context K, with the time inside the
-fused scan function (forward and backward, timed by wrapping it) and a DT step of matched size beside it:
+fused scan function (`cpp` or `fast`, whichever the model's `auto` backend runs; forward and backward, timed by
+wrapping it) and a DT step of matched size beside it:
 DT step / (MambaDM step - scan) is the largest MambaDM / DT throughput ratio a free scan could give.
 
-    python benchmarks/profile_mixer.py [--shapes 96x128 768x128 96x512] [--contexts 30 120] [--shards DIR]
+    python benchmarks/profile_mixer.py [--shapes 96x128 768x128 96x512] [--backends cpp fast ref]
+                                       [--contexts 30 120] [--shards DIR]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from bench_train import (  # noqa: E402
     D, build_model, load_config, make_optimizer, make_shards, matched_dt_width, spec_from_dict, train_step,
 )
 
+import mambadm.ssm.scan_cpp as scan_cpp  # noqa: E402
 import mambadm.ssm.scan_fast as scan_fast  # noqa: E402
 from mambadm.ssm import Mamba, selective_scan  # noqa: E402
 
@@ -65,14 +69,13 @@ def profile_block(length: int, d_model: int, backend: str, repeats: int) -> dict
 
 
 class ScanTimer:
-    """Accumulates the seconds spent in the fused scan's forward and backward (wraps the autograd.Function)."""
+    """Accumulates the seconds spent in the fused scans' forward and backward (wraps the autograd.Functions)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        fn = scan_fast._FusedScan
-        self._orig = (fn.forward, fn.backward)
-        fn.forward = staticmethod(self._timed(self._orig[0]))
-        fn.backward = staticmethod(self._timed(self._orig[1]))
+        for fn in (scan_fast._FusedScan, scan_cpp._CppScan):
+            fn.forward = staticmethod(self._timed(fn.forward))
+            fn.backward = staticmethod(self._timed(fn.backward))
 
     def _timed(self, f):
         def wrapper(ctx, *args):
@@ -100,6 +103,7 @@ def train_step_ms(model, batch, timer: ScanTimer, steps: int = 6, warmup: int = 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=["96x128", "768x128", "96x512"], help="LxD_MODEL")
+    p.add_argument("--backends", nargs="+", default=["cpp", "fast", "ref"], choices=["cpp", "fast", "ref"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--contexts", type=int, nargs="*", default=[30, 120])
     p.add_argument("--shards", help="shard directory (default: collect and shard Hopper data into a temp dir)")
@@ -112,10 +116,10 @@ def main() -> None:
               "| aten ops | block(ref) / rest |\n|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         length, d_model = map(int, shape.split("x"))
-        res = {b: profile_block(length, d_model, b, args.repeats) for b in ("fast", "ref")}
+        res = {b: profile_block(length, d_model, b, args.repeats) for b in args.backends}
         for b, r in res.items():
             rest = r["block"] - r["scan"]
-            bound = f"{res['ref']['block'] / rest:.1f}x" if rest > 0 else "-"
+            bound = f"{res['ref']['block'] / rest:.1f}x" if rest > 0 and "ref" in res else "-"
             print(f"| {length} | {d_model} | {b} | {r['block_fwd']:.0f} / {r['block']:.0f} | {r['scan_fwd']:.0f} / "
                   f"{r['scan']:.0f} | {100 * r['scan'] / r['block']:.0f}% | {rest:.0f} | {r['ops']} | {bound} |",
                   flush=True)
