@@ -122,6 +122,8 @@ def test_auto_resolves_to_cpp_on_cpu_logged_once(caplog):
     assert len(records) == 1 and "cpp" in records[0].getMessage()
     assert cfg.backend == "auto"  # the caller's config is never rewritten
     assert available_backends("cpu") == ["ref", "fast", "cpp"]
+    m.to("meta")  # moved to another kind of device: resolved again (the CPU kernels cannot run there)
+    assert m.backend_in_use == "fast" and m.backend == "auto"
 
 
 def test_without_the_cpp_kernel_auto_falls_back_to_fast_and_cpp_is_a_clear_error():
@@ -137,10 +139,10 @@ def test_without_the_cpp_kernel_auto_falls_back_to_fast_and_cpp_is_a_clear_error
         except BackendUnavailableError as exc:
             print("cpp ->", exc)
     """)
-    env = {**os.environ, "MAMBADM_NO_CPP_SCAN": "1"}
+    env = {**os.environ, "MAMBADM_NO_CPP_KERNELS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "auto -> fast ['ref', 'fast']" in out
-    assert "cpp -> backend='cpp' requested but MAMBADM_NO_CPP_SCAN is set" in out
+    assert "cpp -> backend='cpp' requested but MAMBADM_NO_CPP_KERNELS is set" in out
 
 
 def test_unavailable_or_unknown_backend_raises_clearly():

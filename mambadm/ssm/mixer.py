@@ -88,6 +88,7 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.backend = backend
         self._backend_in_use: str | None = None
+        self._resolved_for: str | None = None  # device type the backend was resolved for
         if backend not in BACKENDS:
             raise ValueError(f"unknown Mamba backend {backend!r}; expected one of {BACKENDS}")
 
@@ -127,10 +128,12 @@ class Mamba(nn.Module):
     # ----------------------------------------------------------------------------------------------- backend
     @property
     def backend_in_use(self) -> str:
-        """The concrete backend (ref | fast | cuda), resolved on first use from `backend` and the parameters' device."""
-        if self._backend_in_use is None:
+        """The concrete backend (ref | fast | cpp | cuda), resolved on first use from `backend` and the parameters'
+        device, and again only if the module has moved to another kind of device since (`cpp` runs on CPUs only)."""
+        device_type = self.in_proj.weight.device.type
+        if self._backend_in_use is None or self._resolved_for != device_type:
             name, reason = resolve_backend(self.backend, self.in_proj.weight.device)
-            self._backend_in_use = name
+            self._backend_in_use, self._resolved_for = name, device_type
             key = (self.backend, name, reason)
             log = logger.debug if key in _logged_choices else logger.info
             _logged_choices.add(key)

@@ -1,12 +1,13 @@
 """`cpp` backend: the fused CPU selective scan and causal conv + SiLU in csrc/mamba_cpu.cpp, built on first use.
 
-The kernel is compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
+The kernels are compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
 needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
-processes only load it). It keeps each row's state in cache and computes every term of the forward and of the
-backward in one pass over time, where the `fast` backend makes about 19 passes over chunk-sized state tensors.
-Flags: -O3 and fast-math for the compile step only (it lets the compiler vectorise `exp` over d_state; the
-linked library does not change the process's floating-point mode), plus the widest vector ISA this CPU has. The
-ISA is part of the extension's name, so machines sharing one cache never load a build for another CPU.
+processes only load it; MAMBADM_NO_CPP_KERNELS=1 turns them off). The scan keeps each row's state in cache and
+computes every term of the forward and of the backward in one pass over time, where the `fast` backend makes about
+19 passes over chunk-sized state tensors. Flags: -O3 and fast-math for the compile step only (it lets the compiler
+vectorise the per-channel `exp` / `log1p` calls; the linked library does not change the process's floating-point
+mode), plus the vector ISA torch detects on this CPU. The ISA is part of the extension's name, so machines sharing
+one cache never load a build made for another CPU.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _state: dict[str, object] = {}  # "ops" once loaded, or "error": why it cannot b
 
 
 def _isa_flags() -> tuple[str, list[str]]:
-    """(name, flags) of the widest vector ISA that both this CPU and the compiler's target can use."""
+    """(name, compiler flags) for the vector ISA torch detects on this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
     if capability == "AVX512":
         return "avx512", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"]
@@ -46,8 +47,8 @@ def cpp_missing() -> str | None:
             return None
         if "error" in _state:
             return str(_state["error"])
-        if os.environ.get("MAMBADM_NO_CPP_SCAN"):
-            _state["error"] = "MAMBADM_NO_CPP_SCAN is set"
+        if os.environ.get("MAMBADM_NO_CPP_KERNELS"):
+            _state["error"] = "MAMBADM_NO_CPP_KERNELS is set"
             return str(_state["error"])
         try:
             from torch.utils import cpp_extension
