@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def _isa_flags() -> tuple[str, list[str]]:
     return "generic", []
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH: add the `ninja` wheel's binary when no system ninja is there (e.g. a venv that
+    is not activated)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def cpp_missing() -> str | None:
     """None when the kernel is built and loaded (building it now if needed), else why it cannot be."""
     with _lock:
@@ -53,6 +65,7 @@ def cpp_missing() -> str | None:
         try:
             from torch.utils import cpp_extension
 
+            _put_ninja_on_path()
             isa, flags = _isa_flags()
             logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
             cpp_extension.load(
