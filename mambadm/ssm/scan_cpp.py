@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mambadm.ssm.scan_ref import compute_dtype
+from mambadm.ssm.scan_ref import batch_first, compute_dtype, contiguous_as
 
 logger = logging.getLogger(__name__)
 
@@ -149,15 +149,10 @@ def selective_scan_cpp(
     interval in steps)."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
 
-    def batch_first(t: Tensor | None) -> Tensor | None:  # (b, c, L) -> (b, L, c) view in the compute dtype
-        return None if t is None else t.to(dtype).transpose(1, 2)
-
-    def as_dtype(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype).contiguous()
-
     out, last = _CppScan.apply(
-        batch_first(u), batch_first(delta), as_dtype(A)[None], batch_first(B), batch_first(C), as_dtype(D),
-        batch_first(z), as_dtype(delta_bias), None, None, delta_softplus, chunk,
+        batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
+        batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
+        None, None, delta_softplus, chunk,
     )
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambadm.ssm.scan_ref import compute_dtype
+from mambadm.ssm.scan_ref import batch_first, compute_dtype, contiguous_as
 
 # Steps per chunk: each chunk buffer holds chunk * batch * d_inner * d_state elements (measured best: ~2^19, 2 MiB).
 _TARGET_CHUNK_ELEMENTS = 1 << 19
@@ -201,15 +201,10 @@ def selective_scan_fast(
     batch, d_inner, length = u.shape
     chunk = chunk or chunk_size(batch, d_inner, A.shape[1])
 
-    def batch_first(t: Tensor | None) -> Tensor | None:  # (b, c, L) -> (b, L, c) view in the compute dtype
-        return None if t is None else t.to(dtype).transpose(1, 2)
-
-    def as_dtype(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype).contiguous()
-
     out, last = _FusedScan.apply(
-        batch_first(u), batch_first(delta), as_dtype(A), batch_first(B), batch_first(C), as_dtype(D),
-        batch_first(z), as_dtype(delta_bias), delta_softplus, chunk,
+        batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype), batch_first(B, dtype),
+        batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
+        delta_softplus, chunk,
     )
     out = out.transpose(1, 2).to(dtype_in)  # (b, d, L) view of the batch-first result
     return (out, last) if return_last_state else out

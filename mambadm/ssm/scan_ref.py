@@ -37,6 +37,16 @@ def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool
     return F.softplus(delta) if delta_softplus else delta
 
 
+def batch_first(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(b, channels, L) -> a (b, L, channels) view in `dtype` (the fused backends' layout); None stays None."""
+    return None if t is None else t.to(dtype).transpose(1, 2)
+
+
+def contiguous_as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A parameter (A, D, delta_bias) in `dtype`, contiguous; None stays None."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
 def finish_output(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     """Add the D skip connection and apply the silu(z) gate (in y's dtype)."""
     if D is not None:
