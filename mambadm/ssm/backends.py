@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
 from mambadm.ssm.scan_cpp import cpp_missing, selective_scan_cpp
+from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
 from mambadm.ssm.scan_fast import selective_scan_fast
 from mambadm.ssm.scan_ref import selective_scan_ref
 
