@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,21 @@ def test_cpp_conv_silu_equals_reference(bias, length):
     w = torch.randn(3, 1, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True) if bias else None
     assert torch.autograd.gradcheck(lambda *a: causal_conv_silu_cpp(*a, b), (x, w))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock file, which would make every later process wait forever."""
+    from torch.utils import cpp_extension
+
+    from mambadm.ssm import scan_cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(cpp_extension._get_build_directory("mambadm_cpu_test", verbose=False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    scan_cpp._clear_stale_lock("mambadm_cpu_test")
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - scan_cpp.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    scan_cpp._clear_stale_lock("mambadm_cpu_test")
+    assert not lock.exists()

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
 DEFAULT_CHUNK = 64  # steps between the saved states the backward restarts from
+STALE_LOCK_SECONDS = 600  # a build takes ~10-60 s: an older build lock was left by a process that was killed
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error": why it cannot be
@@ -52,6 +54,20 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _clear_stale_lock(name: str) -> None:
+    """torch serialises builds with a lock file in the build directory and waits for it forever; a process killed
+    while building leaves it behind. Remove one older than STALE_LOCK_SECONDS, saying so."""
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing a stale build lock left by a killed build: %s", lock)
+            lock.unlink()
+    except (OSError, AttributeError):  # no lock (the usual case), or a torch without this helper
+        pass
+
+
 def cpp_missing() -> str | None:
     """None when the kernel is built and loaded (building it now if needed), else why it cannot be."""
     with _lock:
@@ -67,9 +83,11 @@ def cpp_missing() -> str | None:
 
             _put_ninja_on_path()
             isa, flags = _isa_flags()
+            name = f"mambadm_cpu_{isa}"
+            _clear_stale_lock(name)
             logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
             cpp_extension.load(
-                name=f"mambadm_cpu_{isa}",
+                name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags],
                 is_python_module=False,
