@@ -169,6 +169,29 @@ void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
   }
 }
 
+// One step of one block of kLanes channels: a = keep exp(delta' A), h = a h_prev + x B and y = <h, C> per lane.
+// h_prev may be h itself (the forward updates in place); with kStoreDecay the decays go to `a` for the adjoint.
+template <typename T, bool kStoreDecay>
+inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, const T* Bp, const T* Cp, T keep,
+                       int64_t N, const T* h_prev, T* h, T* a, T* y) {
+  T acc[kLanes] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    const T* An = A_blk + n * Dp;
+    const T* hp = h_prev + n * kLanes;
+    T* hn = h + n * kLanes;
+    const T bn = Bp[n], cn = Cp[n];
+#pragma omp simd
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const T av = keep * exp_inline(dl[i] * An[i]);
+      if constexpr (kStoreDecay) a[n * kLanes + i] = av;
+      const T hv = av * hp[i] + x[i] * bn;
+      hn[i] = hv;
+      acc[i] += hv * cn;
+    }
+  }
+  std::copy(acc, acc + kLanes, y);
+}
+
 // NS: d_state known at compile time (16, the default, lets the compiler unroll the state loops), or 0: any.
 // save_starts: keep the state at every chunk start (lane layout) for the backward; off when no gradient is needed.
 template <typename T, int64_t NS>
@@ -211,22 +234,10 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
           const T* Cp = C.row(b, s + j);
           const T k = keep ? keep.row(b, s + j)[0] : T(1);
           for (int64_t blk = 0; blk < n_blocks; ++blk) {
-            const T* dlj = dl.data() + j * Dp + blk * kLanes;
-            const T* xj = x.data() + j * Dp + blk * kLanes;
+            const int64_t o = j * Dp + blk * kLanes;
             T* hb = h.data() + blk * N * kLanes;
-            T acc[kLanes] = {};
-            for (int64_t n = 0; n < N; ++n) {
-              const T* An = Ab + n * Dp + blk * kLanes;
-              T* hn = hb + n * kLanes;
-              const T bn = Bp[n], cn = Cp[n];
-#pragma omp simd
-              for (int64_t i = 0; i < kLanes; ++i) {
-                const T hv = k * exp_inline(dlj[i] * An[i]) * hn[i] + xj[i] * bn;
-                hn[i] = hv;
-                acc[i] += hv * cn;
-              }
-            }
-            std::copy(acc, acc + kLanes, y.data() + j * Dp + blk * kLanes);
+            block_step<T, false>(dl.data() + o, x.data() + o, Ab + blk * kLanes, Dp, Bp, Cp, k, N, hb, hb,
+                                 static_cast<T*>(nullptr), y.data() + o);
           }
           // out = (y + D u) * silu(z), vectorised over channels
           const T* up = u.row(b, s + j);
@@ -308,28 +319,10 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           const T* h_start = st + (b * n_chunks + c) * N * Dp + blk * NL;
           std::copy(h_start, h_start + NL, hbuf.begin());
           for (int64_t j = 0; j < len; ++j) {
-            const T* Bp = B.row(b, s + j);
-            const T* Cp = C.row(b, s + j);
             const T k = keep ? keep.row(b, s + j)[0] : T(1);
-            const T* dlj = dl.data() + j * Dp + d0;
-            const T* xj = x.data() + j * Dp + d0;
-            T acc[kLanes] = {};
-            for (int64_t n = 0; n < N; ++n) {
-              const T* An = Ab + n * Dp + d0;
-              const T* hp = &hbuf[j * NL + n * kLanes];
-              T* hn = &hbuf[(j + 1) * NL + n * kLanes];
-              T* an = &abuf[j * NL + n * kLanes];
-              const T bn = Bp[n], cn = Cp[n];
-#pragma omp simd
-              for (int64_t i = 0; i < kLanes; ++i) {
-                const T av = k * exp_inline(dlj[i] * An[i]);
-                an[i] = av;
-                const T hv = av * hp[i] + xj[i] * bn;
-                hn[i] = hv;
-                acc[i] += hv * cn;
-              }
-            }
-            std::copy(acc, acc + kLanes, &y[j * kLanes]);
+            block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ab + d0, Dp, B.row(b, s + j),
+                                C.row(b, s + j), k, N, &hbuf[j * NL], &hbuf[(j + 1) * NL], &abuf[j * NL],
+                                &y[j * kLanes]);
           }
           // out = (y + D u) * silu(z): gradients of z and D, and gy, the gradient of y (zero in the padding)
           for (int64_t j = 0; j < len; ++j) {
