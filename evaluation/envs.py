@@ -32,6 +32,37 @@ class NormalizeState(gym.ObservationWrapper):
         return ((obs - self.mean) / self.scale).astype(np.float32)
 
 
+class SnapshotSeededReset(gym.Wrapper):
+    """``reset(seed=s)`` on an ALE env without reloading the ROM each episode.
+
+    ALE's own seeded reset reseeds its generators and reloads the ROM (~90 ms for Breakout here, as long as ~200
+    agent steps), so short episodes spent half their time in resets. This wrapper loads the ROM once, keeps the
+    emulator state saved right after that load, and on each seeded reset restores it (~5 ms) and reseeds the
+    env's NumPy generator exactly as ALE's ``seed_game`` does (the no-op count comes from it). ALE's own generator
+    draws only sticky actions, so with ``repeat_action_probability == 0`` the episode is bit-identical to ALE's
+    seeded reset and independent of what the env ran before (tests/test_eval_envs.py checks both on games whose
+    plain ``reset_game`` is history-dependent). With sticky actions every seeded reset goes the full way, so that
+    generator is reseeded too. Unseeded resets pass through unchanged.
+    """
+
+    def __init__(self, env: gym.Env, sticky_actions: float):
+        super().__init__(env)
+        self.sticky = float(sticky_actions) > 0
+        self.boot_state = None  # emulator state right after the ROM load
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        if seed is None or self.sticky:
+            return self.env.reset(seed=seed, options=options)
+        ale_env = self.env.unwrapped
+        ale_env.seed_game(seed)
+        if self.boot_state is None:
+            ale_env.load_game()
+            self.boot_state = ale_env.ale.cloneState()
+        else:
+            ale_env.ale.restoreState(self.boot_state)
+        return self.env.reset(options=options)
+
+
 def headless_gl() -> None:
     """MuJoCo renders through EGL when there is no display, unless MUJOCO_GL says otherwise; this must run before
     ``mujoco`` is first imported in the process (rollout actors call it first thing)."""
@@ -41,7 +72,8 @@ def headless_gl() -> None:
 
 def make_atari(game: str, cfg: Any, frame_stack: int = 4, render: bool = False) -> gym.Env:
     """ALE v5 env with frameskip=1 underneath AtariPreprocessing (action repeat, max-pool, 84×84 gray, no-op starts)
-    and a frame stack; the episode is cut by ALE at ``cfg.max_episode_frames`` emulator frames."""
+    and a frame stack; the episode is cut by ALE at ``cfg.max_episode_frames`` emulator frames. Seeded resets
+    restore a saved emulator state instead of reloading the ROM (``SnapshotSeededReset``)."""
     import ale_py
 
     gym.register_envs(ale_py)
@@ -49,6 +81,7 @@ def make_atari(game: str, cfg: Any, frame_stack: int = 4, render: bool = False) 
                    full_action_space=bool(cfg.full_action_space),
                    max_num_frames_per_episode=int(cfg.max_episode_frames),
                    render_mode="rgb_array" if render else None)
+    env = SnapshotSeededReset(env, cfg.repeat_action_probability)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=int(cfg.noop_max), frame_skip=int(cfg.frame_skip),
                                           screen_size=84, terminal_on_life_loss=bool(cfg.terminal_on_life_loss),
                                           grayscale_obs=True, scale_obs=False)

@@ -36,6 +36,48 @@ def test_atari_noop_starts_vary_with_seed_and_can_be_disabled():
     assert {env0.reset(seed=s)[1]["episode_frame_number"] for s in range(3)} == {0}
 
 
+def plain_ale_stack(game: str, sticky: float):
+    """The same protocol built directly from gymnasium's wrappers: its seeded reset is ALE's own (ROM reload)."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=sticky)
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, grayscale_obs=True)
+    return gym.wrappers.FrameStackObservation(env, 4, padding_type=np.zeros((84, 84), np.uint8))
+
+
+def seeded_episode(env, seed: int, steps: int):
+    obs, _ = env.reset(seed=seed)
+    actions = np.random.default_rng(seed).integers(env.action_space.n, size=steps)
+    frames, rewards = [obs], []
+    for a in actions:
+        obs, r, terminated, truncated, _ = env.step(int(a))
+        frames.append(obs)
+        rewards.append(r)
+        if terminated or truncated:
+            break
+    return np.stack(frames), np.array(rewards)
+
+
+@pytest.mark.parametrize("game,sticky", [("Breakout", 0.0), ("Assault", 0.0), ("Breakout", 0.25)])
+def test_seeded_reset_matches_ale_reload_whatever_ran_before(game, sticky):
+    # Assault's plain reset_game depends on what ran before it; the snapshot restore must not.
+    ours = make_env({"kind": "atari", "game": game}, cfg(repeat_action_probability=sticky))
+    plain = plain_ale_stack(game, sticky)
+    loads = []
+    ale_env = ours.unwrapped
+    real_load = ale_env.load_game
+    ale_env.load_game = lambda: (loads.append(1), real_load())[1]
+    seeded_episode(ours, 123, 300)  # history the next episodes must not see
+    for seed in (5, 6):
+        frames, rewards = seeded_episode(ours, seed, 250)
+        ref_frames, ref_rewards = seeded_episode(plain, seed, 250)
+        assert frames.shape == ref_frames.shape and np.array_equal(frames, ref_frames)
+        assert np.array_equal(rewards, ref_rewards)
+    assert len(loads) == (3 if sticky else 1)  # sticky actions reseed ALE's generator: a full reload each time
+
+
 def test_atari_settings_reach_the_emulator():
     env = make_env(BREAKOUT, cfg(repeat_action_probability=0.25, max_episode_frames=5000))
     ale = env.unwrapped.ale
