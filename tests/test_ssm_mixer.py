@@ -219,6 +219,53 @@ def test_cpp_conv_silu_equals_reference(bias, length):
     assert torch.autograd.gradcheck(lambda *a: causal_conv_silu_cpp(*a, b), (x, w))
 
 
+@pytest.mark.parametrize("segment,length", [(5, 23), (12, 12), (4, 3), (1, 6)])
+def test_cpp_conv_silu_segments_equal_windows_run_separately(segment, length):
+    """segment: each window of `segment` steps convolved as its own sequence, gradients included."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv1d(20, 20, kernel_size=4, groups=20, padding=3)
+    u = torch.randn(3, length, 20, requires_grad=True)
+    grad = torch.randn(3, length, 20)
+    y = causal_conv_silu_cpp(u, conv.weight, conv.bias, segment)
+    g = torch.autograd.grad(y, [u, conv.weight, conv.bias], grad)
+    windows = [(s, min(s + segment, length)) for s in range(0, length, segment)]
+    y_ref = torch.cat([causal_conv_silu_cpp(u[:, a:b], conv.weight, conv.bias) for a, b in windows], dim=1)
+    g_ref = torch.autograd.grad(y_ref, [u, conv.weight, conv.bias], grad)
+    assert (y - y_ref).abs().max() < 1e-6
+    for a, b in zip(g, g_ref):
+        assert (a - b).abs().max() < 1e-5
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: causal_conv_silu_cpp(*a, None, 3), (x, w))
+    with pytest.raises(ValueError, match="segment"):
+        causal_conv_silu_cpp(u, conv.weight, conv.bias, 0)
+
+
+@pytest.mark.parametrize("segment,length", [(12, 45), (12, 36), (9, 5)])
+def test_segmented_forward_cpp_in_place_equals_windows_in_the_batch(segment, length):
+    """Mamba(x, segment): the cpp kernels restart conv and state in place; ref and fast fold the windows into
+    the batch. Same outputs and parameter gradients (the GLoMa local branch)."""
+    torch.manual_seed(8)
+    mixers = {name: Mamba(32, d_state=16, backend=name) for name in ("ref", "fast", "cpp")}
+    for m in mixers.values():
+        m.load_state_dict(mixers["ref"].state_dict())
+    x = torch.randn(2, length, 32)
+    grad = torch.randn(2, length, 32)
+    outs = {}
+    for name, m in mixers.items():
+        y = m(x, segment=segment)
+        y.backward(grad)
+        outs[name] = y
+    whole = mixers["ref"](x)
+    assert (outs["ref"][:, :segment] - whole[:, :segment]).abs().max() < 1e-5  # the first window sees the same
+    if length > segment:
+        assert (outs["ref"][:, segment:] - whole[:, segment:]).abs().max() > 1e-3  # later windows restart
+    for name in ("fast", "cpp"):
+        assert _rel(outs[name], outs["ref"]) < 1e-5, name
+        for (pname, p_ref), p in zip(mixers["ref"].named_parameters(), mixers[name].parameters()):
+            assert _rel(p.grad, p_ref.grad) < 1e-4, (name, pname)
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A build killed mid-way leaves torch's lock file, which would make every later process wait forever."""
     from torch.utils import cpp_extension

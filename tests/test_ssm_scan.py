@@ -98,6 +98,9 @@ def test_bad_shapes_are_named():
     x["B"] = torch.randn(2, 5, 6)
     with pytest.raises(ValueError, match=r"B must have shape \(2, 3, 6\)"):
         selective_scan(**x, backend="ref")
+    x = _inputs(2, 4, 3, 6)
+    with pytest.raises(ValueError, match="segment is supported by the cpp backend only"):
+        selective_scan(**x, backend="fast", segment=2)
 
 
 @pytest.mark.parametrize("backend", ["fast", "cpp"])

@@ -64,10 +64,12 @@ def eigenvalues(model: nn.Module, batches: list[dict] | None = None) -> list[dic
     """Per mixer: continuous eigenvalues (d_inner, d_state) and exp(Δ·A) — (d_inner, d_state) from the dt bias when
     `batches` is None, else (tokens, d_inner, d_state) over every unmasked-or-not token the mixers saw."""
     mods = mamba_modules(model)
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for _, _, n, _ in mods}
+    inputs: dict[str, list[tuple[torch.Tensor, int | None]]] = {n: [] for _, _, n, _ in mods}  # (x, segment)
     if batches:
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach()))
-                 for _, _, n, m in mods]
+        def keep_input(name):
+            return lambda mod, args, kwargs: inputs[name].append((args[0].detach(), kwargs.get("segment")))
+
+        hooks = [m.register_forward_pre_hook(keep_input(n), with_kwargs=True) for _, _, n, m in mods]
         was_training = model.training
         model.eval()
         try:
@@ -83,8 +85,8 @@ def eigenvalues(model: nn.Module, batches: list[dict] | None = None) -> list[dic
         if batches:
             if not inputs[name]:
                 raise RuntimeError(f"mixer {name} was not called by the model's forward")
-            disc = torch.cat([m.A_discrete(x).reshape(-1, *A.shape) for x in inputs[name]]).float()
-            delta = torch.cat([_delta(m, x).reshape(-1) for x in inputs[name]])
+            disc = torch.cat([m.A_discrete(x, seg).reshape(-1, *A.shape) for x, seg in inputs[name]]).float()
+            delta = torch.cat([m.delta(x, seg).transpose(1, 2).reshape(-1) for x, seg in inputs[name]])
         else:
             delta = F.softplus(m.dt_proj.bias.float())  # (d_inner,)
             disc = torch.exp(delta[:, None] * A)
@@ -92,10 +94,6 @@ def eigenvalues(model: nn.Module, batches: list[dict] | None = None) -> list[dic
                     "discrete": disc.cpu().numpy(), "delta": delta.cpu().numpy()})
     return out
 
-
-def _delta(m: Mamba, x: torch.Tensor) -> torch.Tensor:
-    _, _, delta, _, _ = m._ssm_inputs(x, "ref")
-    return F.softplus(delta.float() + m.dt_proj.bias.float()[:, None])
 
 
 def statistics(entry: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:

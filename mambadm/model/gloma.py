@@ -121,17 +121,10 @@ class GLoMaBlock(nn.Module):
             return s * g + (1 - s) * l
         return self.merge(torch.cat([g, l], dim=-1))
 
-    def local_forward(self, h: Tensor) -> Tensor:
-        """Local Mamba over non-overlapping windows of 3w tokens: (B, T, d) -> (B, T, d)."""
-        B, T, d = h.shape
-        W = self.window_tokens
-        n = -(-T // W)
-        padded = F.pad(h, (0, 0, 0, n * W - T))  # right padding: causal, so it changes no real token
-        return self.local_mamba(padded.reshape(B * n, W, d)).reshape(B, n * W, d)[:, :T]
-
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
-        x = x + self.drop1(self.fuse(self.global_mamba(h), self.local_forward(h), h))
+        local = self.local_mamba(h, segment=self.window_tokens)  # each window of 3w tokens as its own sequence
+        x = x + self.drop1(self.fuse(self.global_mamba(h), local, h))
         return x + self.ffn(self.norm2(x))
 
     # ------------------------------------------------------------------------------------------- recurrence

@@ -79,8 +79,7 @@ class MambaDM(DecisionModel):
             for branch, m in (("global", layer.global_mamba), ("local", layer.local_mamba)):
                 entry = {"layer": i, "branch": branch, "A": m.A_continuous()}
                 if h is not None:
-                    inp = h if branch == "global" else _windows(h, layer.window_tokens)
-                    entry["A_discrete"] = m.A_discrete(inp)
+                    entry["A_discrete"] = m.A_discrete(h, None if branch == "global" else layer.window_tokens)
                 out.append(entry)
             if x is not None:
                 x = layer(x)
@@ -101,9 +100,3 @@ class MambaDM(DecisionModel):
         ffn = 2 * 2 * d * c.ffn_mult * d
         return c.n_layer * (2 * mamba + fusion + ffn)
 
-
-def _windows(h: Tensor, W: int) -> Tensor:
-    """(B, T, d) -> (B * ceil(T / W), W, d), right-padded: the local branch's input layout."""
-    B, T, d = h.shape
-    n = -(-T // W)
-    return torch.nn.functional.pad(h, (0, 0, 0, n * W - T)).reshape(B * n, W, d)

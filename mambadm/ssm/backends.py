@@ -85,10 +85,20 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str = "auto",
+    segment: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan with mamba_ssm's `selective_scan_fn` conventions (see scan_ref.py for shapes)."""
+    """Selective scan with mamba_ssm's `selective_scan_fn` conventions (see scan_ref.py for shapes).
+
+    `segment` (cpp only): the state restarts every `segment` steps, windows aligned to the start. The mixer runs
+    the other backends on the windows folded into the batch instead (`Mamba.forward`).
+    """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name, _ = resolve_backend(backend, u.device)
+    if segment is not None:
+        if name != "cpp":
+            raise ValueError(f"selective_scan: segment is supported by the cpp backend only, not {name!r}")
+        return selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  segment=segment)
     if name == "ref":
         fn = selective_scan_ref
     elif name == "fast":

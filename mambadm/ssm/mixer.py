@@ -42,6 +42,13 @@ def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
     return out
 
 
+def fold_windows(x: Tensor, segment: int) -> Tensor:
+    """(b, L, d) -> (b * ceil(L / segment), segment, d): windows from the start, the last right-padded with zeros."""
+    b, length, d = x.shape
+    n = -(-length // segment)
+    return F.pad(x, (0, 0, 0, n * segment - length)).reshape(b * n, segment, d)
+
+
 @dataclass
 class MambaCache:
     """Recurrent state of one Mamba mixer for `step()`.
@@ -145,12 +152,12 @@ class Mamba(nn.Module):
         """A = -exp(A_log) in float32 (float64 for a float64 module), (d_inner, d_state)."""
         return -torch.exp(_at_least_f32(self.A_log))
 
-    def _conv(self, u: Tensor, backend: str) -> Tensor:
+    def _conv(self, u: Tensor, backend: str, segment: int | None = None) -> Tensor:
         """SiLU(causal depthwise conv) over the time axis of u (batch, L, d_inner) -> (batch, L, d_inner).
 
         `cuda`: causal_conv1d_fn when installed, else nn.Conv1d, on a contiguous (batch, d_inner, L) copy, the layout
-        of the GPU kernels; `cpp`: the fused CPU kernel; `ref` / `fast`: `causal_depthwise_conv` in the batch-first
-        layout, with no copy.
+        of the GPU kernels; `cpp`: the fused CPU kernel (which alone takes `segment`, see `forward`); `ref` /
+        `fast`: `causal_depthwise_conv` in the batch-first layout, with no copy.
         """
         if backend == "cuda":
             x = u.transpose(1, 2).contiguous()
@@ -161,10 +168,11 @@ class Mamba(nn.Module):
                 out = F.silu(self.conv1d(x)[..., : x.shape[-1]])
             return out.transpose(1, 2)
         if backend == "cpp":
-            return causal_conv_silu_cpp(u, self.conv1d.weight, self.conv1d.bias)
+            return causal_conv_silu_cpp(u, self.conv1d.weight, self.conv1d.bias, segment)
         return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
 
-    def _ssm_inputs(self, x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _ssm_inputs(self, x: Tensor, backend: str, segment: int | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """From x (batch, L, d_model): u, z, delta (pre-bias), B, C in selective_scan's layouts.
 
         Everything is computed batch-first, (batch, L, channels), the layout the projections produce and read, and
@@ -173,27 +181,42 @@ class Mamba(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects x of shape (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, L, d_inner) each
-        u = self._conv(u, backend)
+        u = self._conv(u, backend, segment)
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); bias added in the scan
         # u, z, delta (b, d_inner, L); B, C (b, d_state, L)
         return tuple(t.transpose(1, 2) for t in (u, z, delta, B, C))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (batch, L, d_model) -> (batch, L, d_model)."""
+    def forward(self, x: Tensor, segment: int | None = None) -> Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model).
+
+        `segment`: cut the sequence into windows of `segment` tokens from its start and run each as its own
+        sequence (conv and state start from zero at every window start; the GLoMa local branch). The `cpp`
+        kernels restart in place; the other backends run the windows folded into the batch (the last one
+        right-padded, which, being causal, changes no real token).
+        """
         backend = self.backend_in_use
-        u, z, delta, B, C = self._ssm_inputs(x, backend)
+        if segment is not None and backend != "cpp":
+            b, length, d = x.shape
+            return self.forward(fold_windows(x, segment)).reshape(b, -1, d)[:, :length]
+        u, z, delta, B, C = self._ssm_inputs(x, backend, segment)
         y = selective_scan(
             u, delta, self.A_continuous(), B, C, _at_least_f32(self.D), z=z,
-            delta_bias=_at_least_f32(self.dt_proj.bias), delta_softplus=True, backend=backend,
+            delta_bias=_at_least_f32(self.dt_proj.bias), delta_softplus=True, backend=backend, segment=segment,
         )  # (b, d_inner, L)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
 
-    def A_discrete(self, x: Tensor) -> Tensor:
-        """exp(delta * A) for input x (batch, L, d_model): (batch, L, d_inner, d_state), float32."""
+    def delta(self, x: Tensor, segment: int | None = None) -> Tensor:
+        """The step sizes softplus(dt_proj(...) + bias) for input x (batch, L, d_model), float32: (batch, d_inner,
+        L), or with `segment` per window as `forward` sees them, (batch * windows, d_inner, segment)."""
+        x = x if segment is None else fold_windows(x, segment)
         _, _, delta, _, _ = self._ssm_inputs(x, "ref")
-        delta = F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])  # (b, d_inner, L)
-        return torch.exp(delta.transpose(1, 2)[..., None] * self.A_continuous())
+        return F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])
+
+    def A_discrete(self, x: Tensor, segment: int | None = None) -> Tensor:
+        """exp(delta * A) for input x (batch, L, d_model): (batch, L, d_inner, d_state), float32; with `segment`
+        per window, (batch * windows, segment, d_inner, d_state)."""
+        return torch.exp(self.delta(x, segment).transpose(1, 2)[..., None] * self.A_continuous())
 
     # ----------------------------------------------------------------------------------------------- recurrence
     def allocate_cache(

@@ -161,40 +161,64 @@ def selective_scan_cpp(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    segment: int | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Fused CPU selective scan; same arguments and result as `selective_scan_ref` (`chunk`: backward restart
-    interval in steps)."""
+    """Fused CPU selective scan; same arguments and result as `selective_scan_ref`. `segment`: the state restarts
+    from zero every `segment` steps (windows aligned to the start, each as its own sequence); `chunk`: backward
+    restart interval in steps."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
-
+    keep = segment_keep(u.shape[0], u.shape[-1], segment, dtype)
     out, last = _CppScan.apply(
         batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
         batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
-        None, None, delta_softplus, chunk,
+        None, keep, delta_softplus, chunk,
     )
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
 
 
 class _CppConv(torch.autograd.Function):
-    """silu(causal depthwise conv) of x (rows, L, c) with nn.Conv1d's weight (c, 1, K) and bias (c,) or None."""
+    """silu(causal depthwise conv) of x (rows, L, c) with nn.Conv1d's weight (c, 1, K) and bias (c,) or None;
+    segment > 0: no tap reads across a start of a window of `segment` steps."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, segment: int):
         taps = weight[:, 0, :].t().contiguous()  # (K, c)
         ctx.save_for_backward(x, taps, bias)
-        return _ops().conv_forward(x, taps, bias)
+        ctx.segment = segment
+        return _ops().conv_forward(x, taps, bias, segment)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, taps, bias = ctx.saved_tensors
-        g_x, g_taps_rows, g_bias_rows = _ops().conv_backward(x, taps, bias, grad_out)
+        g_x, g_taps_rows, g_bias_rows = _ops().conv_backward(x, taps, bias, grad_out, ctx.segment)
         g_weight = g_taps_rows.sum(0).t()[:, None, :]
-        return g_x, g_weight, g_bias_rows.sum(0) if bias is not None else None
+        return g_x, g_weight, g_bias_rows.sum(0) if bias is not None else None, None
 
 
-def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(`causal_depthwise_conv(x, weight, bias)`) in one kernel: x (batch, L, channels) of any strides."""
+def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None, segment: int | None = None) -> Tensor:
+    """silu(`causal_depthwise_conv(x, weight, bias)`) in one kernel: x (batch, L, channels) of any strides.
+
+    With `segment`, the time axis is cut into windows of `segment` steps from its start and each window is
+    convolved as its own sequence (zeros before its first step).
+    """
     dtype = compute_dtype(x)
     bias = None if bias is None else bias.to(dtype)
-    return _CppConv.apply(x.to(dtype), weight.to(dtype), bias).to(x.dtype)
+    return _CppConv.apply(x.to(dtype), weight.to(dtype), bias, _segment_steps(segment)).to(x.dtype)
+
+
+def _segment_steps(segment: int | None) -> int:
+    if segment is None:
+        return 0
+    if int(segment) < 1:
+        raise ValueError(f"segment must be a positive number of steps or None, got {segment}")
+    return int(segment)
+
+
+def segment_keep(batch: int, length: int, segment: int | None, dtype: torch.dtype) -> Tensor | None:
+    """keep (batch, L, 1) for the scan kernel: 0 at every window start (None when one window covers all L steps)."""
+    if segment is None or _segment_steps(segment) >= length:
+        return None
+    keep = (torch.arange(length) % segment != 0).to(dtype)
+    return keep[None, :, None].expand(batch, length, 1)

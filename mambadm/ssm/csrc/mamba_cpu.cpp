@@ -26,6 +26,8 @@
 //
 //     pre_t = bias + sum_k w[:, k] * x_{t-K+1+k},     out_t = silu(pre_t)
 //
+// With segment > 0 the sequence is cut into windows of `segment` steps from its start and a tap never reads
+// across a window start (the local branch of a GLoMa layer: every window as if it were its own sequence).
 // one pass forward; the backward recomputes pre_t and returns the gradients of x, w and bias (w and bias as
 // per-row partial sums), vectorised over channels.
 #include <ATen/ATen.h>
@@ -295,7 +297,9 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     const int64_t T_max = std::min(chunk, L), NL = N * kLanes;
     std::vector<T> hbuf((T_max + 1) * NL), abuf(T_max * NL), carry(N * Dp), gA_acc(N * Dp);
     std::vector<T> dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), sig(T_max * Dp, T(1)), sz(z ? T_max * Dp : 0);
-    std::vector<T> y(T_max * kLanes), gy(T_max * kLanes), gx(T_max * kLanes), ga(T_max * kLanes);
+    // per step and channel of the chunk (padding columns stay zero): y = <h, C>, its gradient gy, and the sums
+    // over states gx = sum_n g B and ga = sum_n g a h_prev A that the per-channel epilogue needs
+    std::vector<T> y(T_max * Dp, T(0)), gy(T_max * Dp, T(0)), gx(T_max * Dp, T(0)), ga(T_max * Dp, T(0));
     std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
     for (int64_t b = r0; b < r1; ++b) {
       const T* Ab = At.data() + (b % G) * N * Dp;
@@ -305,16 +309,32 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), sig.data());
-        for (int64_t j = 0; z && j < len; ++j) {  // sigmoid(z), vectorised over all channels at once
-          const T* zp = z.row(b, s + j);
-          T* szj = sz.data() + j * Dp;
+        // gy = d out / dy = g_out * silu(z) (or g_out), and dD += gy u: vectorised over all channels at once
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t t = s + j;
+          const T* up = u.row(b, t);
+          const T* gop = go.row(b, t);
+          T* gyj = gy.data() + j * Dp;
+          T* gDb = gD + b * Dn;
+          if (z) {
+            const T* zp = z.row(b, t);
+            T* szj = sz.data() + j * Dp;
 #pragma omp simd
-          for (int64_t d = 0; d < Dn; ++d) szj[d] = sigmoid(zp[d]);
+            for (int64_t d = 0; d < Dn; ++d) {
+              const T sg = sigmoid(zp[d]);
+              szj[d] = sg;
+              gyj[d] = gop[d] * zp[d] * sg;
+            }
+          } else {
+            std::copy(gop, gop + Dn, gyj);
+          }
+#pragma omp simd
+          for (int64_t d = 0; d < Dn; ++d) gDb[d] += gyj[d] * up[d];
         }
         std::fill(gB_lanes.begin(), gB_lanes.begin() + len * NL, T(0));
         std::fill(gC_lanes.begin(), gC_lanes.begin() + len * NL, T(0));
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
-          const int64_t d0 = blk * kLanes, nd = std::min(kLanes, Dn - d0);
+          const int64_t d0 = blk * kLanes;
           // recompute decays a_t and states of this chunk and block (hbuf[j] = h_{s+j-1}), and y_t = <h_t, C_t>
           const T* h_start = st + (b * n_chunks + c) * N * Dp + blk * NL;
           std::copy(h_start, h_start + NL, hbuf.begin());
@@ -322,33 +342,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
             const T k = keep ? keep.row(b, s + j)[0] : T(1);
             block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ab + d0, Dp, B.row(b, s + j),
                                 C.row(b, s + j), k, N, &hbuf[j * NL], &hbuf[(j + 1) * NL], &abuf[j * NL],
-                                &y[j * kLanes]);
-          }
-          // out = (y + D u) * silu(z): gradients of z and D, and gy, the gradient of y (zero in the padding)
-          for (int64_t j = 0; j < len; ++j) {
-            const int64_t t = s + j;
-            const T* up = u.row(b, t) + d0;
-            const T* gop = go.row(b, t) + d0;
-            const T* zp = z ? z.row(b, t) + d0 : nullptr;
-            T* gzp = gz ? gz + (b * L + t) * Dn + d0 : nullptr;
-            const T* Dp_ = Dv + d0;
-            T* gDp = gD + b * Dn + d0;
-            T* gyj = &gy[j * kLanes];
-            const T* yj = &y[j * kLanes];
-            std::fill(gyj + nd, gyj + kLanes, T(0));
-            if (zp) {
-              const T* szj = sz.data() + j * Dp + d0;
-#pragma omp simd
-              for (int64_t i = 0; i < nd; ++i) {
-                const T yv = yj[i] + Dp_[i] * up[i], sg = szj[i];
-                gzp[i] = gop[i] * yv * sg * (T(1) + zp[i] * (T(1) - sg));
-                gyj[i] = gop[i] * zp[i] * sg;
-              }
-            } else {
-              std::copy(gop, gop + nd, gyj);
-            }
-#pragma omp simd
-            for (int64_t i = 0; i < nd; ++i) gDp[i] += gyj[i] * up[i];
+                                &y[j * Dp + d0]);
           }
           // adjoint recurrence, backwards through the chunk
           T* cr = carry.data() + blk * NL;
@@ -358,7 +352,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
             const T* Cp = C.row(b, s + j);
             const T* dlj = dl.data() + j * Dp + d0;
             const T* xj = x.data() + j * Dp + d0;
-            const T* gyj = &gy[j * kLanes];
+            const T* gyj = &gy[j * Dp + d0];
             T g_x[kLanes] = {}, g_a[kLanes] = {};  // sum_n g B_t, sum_n g a h_{t-1} A
             for (int64_t n = 0; n < N; ++n) {
               const T* An = Ab + n * Dp + d0;
@@ -382,27 +376,39 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
                 crn[i] = an[i] * g;
               }
             }
-            std::copy(g_x, g_x + kLanes, &gx[j * kLanes]);
-            std::copy(g_a, g_a + kLanes, &ga[j * kLanes]);
+            std::copy(g_x, g_x + kLanes, &gx[j * Dp + d0]);
+            std::copy(g_a, g_a + kLanes, &ga[j * Dp + d0]);
           }
-          // x = delta' u and a = exp(delta' A): gradients of u, delta (through the softplus) and delta_bias
-          for (int64_t j = 0; j < len; ++j) {
-            const int64_t t = s + j;
-            const T* up = u.row(b, t) + d0;
-            const T* Dp_ = Dv + d0;
-            const T* dlj = dl.data() + j * Dp + d0;
-            const T* sj = sig.data() + j * Dp + d0;
-            T* gup = gu + (b * L + t) * Dn + d0;
-            T* gdp = gdelta + (b * L + t) * Dn + d0;
-            T* gbp = gbias + b * Dn + d0;
-            const int64_t o = j * kLanes;
+        }
+        // Per channel, vectorised over all channels: dz from out = (y + D u) * silu(z); du and d delta (through
+        // the softplus) and d delta_bias from x = delta' u and a = exp(delta' A)
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t t = s + j;
+          const T* up = u.row(b, t);
+          const T* dlj = dl.data() + j * Dp;
+          const T* sj = sig.data() + j * Dp;
+          const T *yj = y.data() + j * Dp, *gyj = gy.data() + j * Dp, *gxj = gx.data() + j * Dp;
+          const T* gaj = ga.data() + j * Dp;
+          T* gup = gu + (b * L + t) * Dn;
+          T* gdp = gdelta + (b * L + t) * Dn;
+          T* gbb = gbias + b * Dn;
+          if (z) {
+            const T* gop = go.row(b, t);
+            const T* zp = z.row(b, t);
+            const T* szj = sz.data() + j * Dp;
+            T* gzp = gz + (b * L + t) * Dn;
 #pragma omp simd
-            for (int64_t i = 0; i < nd; ++i) {
-              gup[i] = gx[o + i] * dlj[i] + gy[o + i] * Dp_[i];
-              const T g_pre = (ga[o + i] + gx[o + i] * up[i]) * sj[i];  // sj: the softplus derivative, or 1
-              gdp[i] = g_pre;
-              gbp[i] += g_pre;
+            for (int64_t d = 0; d < Dn; ++d) {
+              const T sg = szj[d];
+              gzp[d] = gop[d] * (yj[d] + Dv[d] * up[d]) * sg * (T(1) + zp[d] * (T(1) - sg));
             }
+          }
+#pragma omp simd
+          for (int64_t d = 0; d < Dn; ++d) {
+            gup[d] = gxj[d] * dlj[d] + gyj[d] * Dv[d];
+            const T g_pre = (gaj[d] + gxj[d] * up[d]) * sj[d];  // sj: the softplus derivative, or 1
+            gdp[d] = g_pre;
+            gbb[d] += g_pre;
           }
         }
         // dB_t, dC_t: the per-lane partial sums added up
@@ -493,8 +499,14 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   return result;
 }
 
+// The first of K taps that output t reads: taps before the start of t's window (or of the sequence) read zeros.
+inline int64_t first_tap(int64_t t, int64_t K, int64_t segment) {
+  return std::max<int64_t>(0, K - 1 - (segment > 0 ? t % segment : t));
+}
+
 template <typename T>
-at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t) {
+at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t,
+                             int64_t segment) {
   const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
   at::Tensor out = at::empty({rows, L, Cn}, x_t.options());
   View3<T> x(x_t);
@@ -508,7 +520,7 @@ at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const
         T* ot = o + (b * L + t) * Cn;
 #pragma omp simd
         for (int64_t c = 0; c < Cn; ++c) ot[c] = bias[c];
-        for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+        for (int64_t k = first_tap(t, K, segment); k < K; ++k) {
           const T* xs = x.row(b, t - K + 1 + k);
           const T* wk = w + k * Cn;
 #pragma omp simd
@@ -524,7 +536,7 @@ at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const
 
 template <typename T>
 std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t,
-                                           const at::Tensor& go_t) {
+                                           const at::Tensor& go_t, int64_t segment) {
   const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
   auto opts = x_t.options();
   at::Tensor g_x = at::zeros({rows, L, Cn}, opts);
@@ -541,7 +553,7 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
       T* gwb = gw + b * K * Cn;
       T* gbb = gb + b * Cn;
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t k0 = std::max<int64_t>(0, K - 1 - t);
+        const int64_t k0 = first_tap(t, K, segment);
         // recompute pre_t, then g_pre = g_out * silu'(pre_t)
         T* gp = g_pre.data();
 #pragma omp simd
@@ -577,7 +589,8 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
   return {g_x, g_w_rows, g_bias_rows};
 }
 
-void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t segment) {
+  TORCH_CHECK(segment >= 0, "causal_conv_silu_cpu: segment must be >= 0 (0: none), got ", segment);
   TORCH_CHECK(x.device().is_cpu(), "causal_conv_silu_cpu: tensors must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "causal_conv_silu_cpu: x must be (rows, L, channels), got ", x.sizes());
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(2) && w.scalar_type() == x.scalar_type(),
@@ -587,27 +600,28 @@ void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
               "causal_conv_silu_cpu: bias must be (channels,) of the input dtype");
 }
 
-at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  check_conv(x, w, bias);
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                        int64_t segment) {
+  check_conv(x, w, bias, segment);
   const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_forward", [&] {
-    out = conv_forward_impl<scalar_t>(xc, w.contiguous(), b);
+    out = conv_forward_impl<scalar_t>(xc, w.contiguous(), b, segment);
   });
   return out;
 }
 
 std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                                      const at::Tensor& grad_out) {
-  check_conv(x, w, bias);
+                                      const at::Tensor& grad_out, int64_t segment) {
+  check_conv(x, w, bias, segment);
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "causal_conv_silu_cpu: grad_out must match x, got ", grad_out.sizes());
   const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
   const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_backward", [&] {
-    result = conv_backward_impl<scalar_t>(xc, w.contiguous(), b, go);
+    result = conv_backward_impl<scalar_t>(xc, w.contiguous(), b, go, segment);
   });
   return result;
 }
@@ -620,8 +634,8 @@ TORCH_LIBRARY(mambadm_cpu, m) {
   m.def("scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, Tensor starts, Tensor grad_out, "
         "Tensor? grad_last) -> Tensor[]");
-  m.def("conv_forward(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("conv_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_out) -> Tensor[]");
+  m.def("conv_forward(Tensor x, Tensor w, Tensor? bias, int segment) -> Tensor");
+  m.def("conv_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_out, int segment) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mambadm_cpu, CPU, m) {
