@@ -156,3 +156,30 @@ def test_cpp_rows_with_groups_start_state_and_resets():
     small[5] = h0[:2, :3].detach().clone().requires_grad_()
     keep = keep[:2, :5]
     assert torch.autograd.gradcheck(fn, tuple(small), eps=1e-6, atol=1e-6)
+
+
+def test_cpp_rows_with_grouped_D_and_delta_bias():
+    """D and delta_bias grouped like A (one per GLoMa branch) == each group's rows scanned with its own, with the
+    softplus and the silu(z) gate inside the kernel; gradients of the grouped parameters included."""
+    g = torch.Generator().manual_seed(6)
+    rows, length, d, n = 4, 7, 5, 16
+    u, z, B, C = (torch.randn(rows, length, k, generator=g, dtype=torch.float64) for k in (d, d, n, n))
+    delta = torch.randn(rows, length, d, generator=g, dtype=torch.float64)
+    A = -torch.rand(2, d, n, generator=g, dtype=torch.float64) * 3
+    D, bias = (torch.randn(2, d, generator=g, dtype=torch.float64) for _ in range(2))
+    params = [t.requires_grad_() for t in (A, D, bias)]
+    y, _ = scan_rows(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+    grad = torch.randn_like(y)
+    g_grouped = torch.autograd.grad(y, params, grad)
+    for group in (0, 1):
+        r = slice(group, None, 2)  # row b uses group b % 2
+        y_g, _ = scan_rows(u[r], delta[r], A[group:group + 1], B[r], C[r], D=D[group], z=z[r],
+                           delta_bias=bias[group], delta_softplus=True)
+        torch.testing.assert_close(y[r], y_g, rtol=1e-10, atol=1e-10)
+        g_one = torch.autograd.grad(y_g, params, grad[r])
+        for a, b in zip(g_grouped, g_one):
+            torch.testing.assert_close(a[group], b[group], rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # acting calls the kernel without the autograd function: same result
+        torch.testing.assert_close(scan_rows(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)[0], y)
+    with pytest.raises(RuntimeError, match=r"D must have shape \(5\) or \(2, 5\)"):
+        scan_rows(u, delta, A, B, C, D=torch.ones(3, d, dtype=torch.float64))

@@ -5,8 +5,8 @@ layer read the same normed input and have the same shapes, so their weights are 
 snapshotted when the acting state is made) and every projection, the conv, the scan and the gating run once for
 both (branch 0 = global, 1 = local). The result equals `GLoMaBlock.step` (the readable per-branch path) and
 `GLoMaBlock.forward`; tests/test_model.py checks both. When the mixers run on the `cpp` backend, the chunk's
-recurrence (decays, states, <h, C>) is one call of the fused CPU kernel over both branches (A grouped per branch)
-instead of the tensor ops below it.
+softplus, recurrence (decays, states, <h, C>), D skip and gate are one call of the fused CPU kernel over both
+branches (A, D and the dt bias grouped per branch) instead of the tensor ops of `_recurrence` and around it.
 """
 from __future__ import annotations
 
@@ -105,10 +105,13 @@ def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
     cache.conv.copy_(new_conv * masks.conv_keep[:, :, None, :] if masks is not None else new_conv)
 
     dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
-    delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
-    y = _recurrence_kernel(w, cache, u, delta, Bm, C, masks) if w.fused_kernel else \
-        _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
-    y = (y + w.D * u) * F.silu(z)
+    delta_pre = torch.einsum("bclr,crd->bcld", dt, w.dt_w)  # (B, 2, L, d_inner), before bias and softplus
+    if w.fused_kernel:  # bias, softplus, recurrence, D skip and gate in one call
+        y = _mixer_kernel(w, cache, u, delta_pre, Bm, C, z, masks)
+    else:
+        delta = F.softplus(delta_pre + w.dt_b)
+        y = _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
+        y = (y + w.D * u) * F.silu(z)
     out = torch.einsum("bcle,ced->bcld", y, w.out_w)  # (B, 2, L, d); no weight copies per env
     if w.out_b is not None:
         out = out + w.out_b
@@ -131,15 +134,16 @@ def _recurrence(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: 
     return torch.matmul(states, C[..., None])[..., 0]
 
 
-def _recurrence_kernel(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: Tensor, C: Tensor,
-                       masks: Optional[SegmentMasks]) -> Tensor:
-    """`_recurrence` as one call of the fused CPU kernel: rows (env, branch), row r using A[r % 2]."""
-    B, _, L, d_inner = delta.shape
+def _mixer_kernel(w: PairWeights, cache: PairCache, u: Tensor, delta_pre: Tensor, Bm: Tensor, C: Tensor, z: Tensor,
+                  masks: Optional[SegmentMasks]) -> Tensor:
+    """softplus(delta_pre + dt bias), `_recurrence`, the D skip and the silu(z) gate as one call of the fused CPU
+    kernel: rows (env, branch), row r using branch r % 2's A, D and dt bias."""
+    B, _, L, d_inner = delta_pre.shape
     rows = B * 2
     keep = masks.ssm_keep.reshape(rows, L) if masks is not None else None
-    y, last = scan_rows(u.reshape(rows, L, d_inner), delta.reshape(rows, L, d_inner), w.A[:, 0],
-                        Bm.reshape(rows, L, -1), C.reshape(rows, L, -1),
-                        h0=cache.ssm.view(rows, d_inner, -1), keep=keep)
+    y, last = scan_rows(u.reshape(rows, L, d_inner), delta_pre.reshape(rows, L, d_inner), w.A[:, 0],
+                        Bm.reshape(rows, L, -1), C.reshape(rows, L, -1), D=w.D[:, 0], z=z.reshape(rows, L, d_inner),
+                        delta_bias=w.dt_b[:, 0], delta_softplus=True, h0=cache.ssm.view(rows, d_inner, -1), keep=keep)
     cache.ssm.copy_(last.view_as(cache.ssm))
     return y.view(B, 2, L, d_inner)
 

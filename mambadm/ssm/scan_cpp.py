@@ -109,7 +109,8 @@ def _ops():
 
 class _CppScan(torch.autograd.Function):
     """out (rows, L, d), last state (rows, d, n) from batch-first u, delta, z (rows, L, d), B, C (rows, L, n) of any
-    strides, A (groups, d, n), D, delta_bias (d,) or None; h0 (rows, d, n) and keep (rows, L, 1) or None."""
+    strides, A (groups, d, n), D, delta_bias (d,) or (groups, d) or None; h0 (rows, d, n) and keep (rows, L, 1) or
+    None. Row b uses group b % groups."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus: bool, chunk: int):
@@ -127,9 +128,14 @@ class _CppScan(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, ctx.chunk, starts, grad_out, grad_last
         )
         groups = A.shape[0]
-        g_A = g_A_rows.view(-1, groups, *A.shape[1:]).sum(0)  # row b used A[b % groups]
-        g_D = g_D_rows.sum(0) if D is not None else None
-        g_bias = g_bias_rows.sum(0) if delta_bias is not None else None
+
+        def per_group(rows: Tensor, like: Tensor | None) -> Tensor | None:  # row b used group b % groups
+            if like is None:
+                return None
+            total = rows.view(-1, groups, *rows.shape[1:]).sum(0)
+            return total if like.dim() == total.dim() else total.sum(0)
+
+        g_A, g_D, g_bias = per_group(g_A_rows, A), per_group(g_D_rows, D), per_group(g_bias_rows, delta_bias)
         grads = (g_u, g_delta, g_A, g_B, g_C, g_D, g_z if z is not None else None, g_bias,
                  g_h0 if h0 is not None else None)
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:9])) + (None, None, None)
@@ -142,12 +148,16 @@ def scan_rows(
 ) -> tuple[Tensor, Tensor]:
     """The kernel on batch-first rows, as `mambadm.model.recurrent` steps both GLoMa branches: (out, last state).
 
-    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,);
-    h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that step.
-    All in one floating dtype (float32 or float64).
+    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,)
+    or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
+    step. All in one floating dtype (float32 or float64). Without autograd (acting) the kernel is called directly.
     """
     keep = None if keep is None else keep.to(u.dtype)[..., None]
-    return _CppScan.apply(u, delta, A, B, C, D, z, delta_bias, h0, keep, delta_softplus, chunk)
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0)):
+        return _CppScan.apply(*args, h0, keep, delta_softplus, chunk)
+    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, chunk, False)
+    return out, last
 
 
 def selective_scan_cpp(

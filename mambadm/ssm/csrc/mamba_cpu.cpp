@@ -9,7 +9,8 @@
 //     h_t = a_t * h_{t-1} + x_t,     y_t = <h_t, C_t>,     out_t = (y_t + D u_t) * silu(z_t)
 //
 // keep (optional, 0 or 1 per row and step) resets the state before a step, as a window start does in acting.
-// A is (groups, d_inner, d_state): row b uses A[b % groups] (the two branches of a GLoMa layer stepped as one).
+// A is (groups, d_inner, d_state): row b uses A[b % groups] (the two branches of a GLoMa layer stepped as one); D
+// and delta_bias are (d_inner,), shared by all rows, or (groups, d_inner), grouped like A.
 //
 // The forward stores the state at the start of every chunk of `chunk` steps; the backward recomputes one chunk of
 // one block of channels at a time into a small buffer and runs the adjoint recurrence
@@ -211,9 +212,9 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const std::vector<T> zeros(Dn, T(0));  // D and delta_bias when absent
-  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();
-  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();
+  const std::vector<T> zeros(G * Dn, T(0));  // D and delta_bias when absent
+  const T* D_all = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();  // (G, Dn)
+  const T* bias_all = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();  // (G, Dn)
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   T* lst = last.data_ptr<T>();
@@ -227,6 +228,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
       std::fill(h.begin(), h.end(), T(0));
       if (h0) to_lanes(h0 + b * Dn * N, Dn, N, h.data());
       const T* Ab = At.data() + (b % G) * N * Dp;
+      const T *Dv = D_all + (b % G) * Dn, *bias = bias_all + (b % G) * Dn;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
@@ -282,9 +284,9 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const std::vector<T> zeros(Dn, T(0));  // D and delta_bias when absent
-  const T* Dv = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();
-  const T* bias = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();
+  const std::vector<T> zeros(G * Dn, T(0));  // D and delta_bias when absent
+  const T* D_all = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();  // (G, Dn)
+  const T* bias_all = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();  // (G, Dn)
   const T* st = starts.data_ptr<T>();
   const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
   T *gu = g_u.data_ptr<T>(), *gdelta = g_delta.data_ptr<T>(), *gB = g_B.data_ptr<T>(), *gC = g_C.data_ptr<T>();
@@ -303,6 +305,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
     for (int64_t b = r0; b < r1; ++b) {
       const T* Ab = At.data() + (b % G) * N * Dp;
+      const T *Dv = D_all + (b % G) * Dn, *bias = bias_all + (b % G) * Dn;
       std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
       if (gl) to_lanes(gl + b * Dn * N, Dn, N, carry.data());
       std::fill(gA_acc.begin(), gA_acc.end(), T(0));
@@ -456,9 +459,20 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   auto unit_inner = [](const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); };
   Args a{unit_inner(u), unit_inner(delta), A.contiguous(), unit_inner(B), unit_inner(C), {}, {}, {}, {}, {},
          softplus, chunk};
-  if (D) { check(*D, "D", {Dn}); a.D = D->contiguous(); }
+  const int64_t G = A.size(0);
+  // D and delta_bias: (d_inner,) for all rows or (groups, d_inner); stored as (groups, d_inner)
+  auto per_group = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(),
+                ", expected ", u.scalar_type());
+    const bool shared = t.dim() == 1 && t.size(0) == Dn;
+    const bool grouped = t.dim() == 2 && t.size(0) == G && t.size(1) == Dn;
+    TORCH_CHECK(shared || grouped, "selective_scan_cpu: ", name, " must have shape (", Dn, ") or (", G, ", ", Dn,
+                "), got ", t.sizes());
+    return t.expand({G, Dn}).contiguous();
+  };
+  if (D) a.D = per_group(*D, "D");
   if (z) { check(*z, "z", {rows, L, Dn}); a.z = unit_inner(*z); }
-  if (delta_bias) { check(*delta_bias, "delta_bias", {Dn}); a.delta_bias = delta_bias->contiguous(); }
+  if (delta_bias) a.delta_bias = per_group(*delta_bias, "delta_bias");
   if (h0) { check(*h0, "h0", {rows, Dn, N}); a.h0 = h0->contiguous(); }
   if (keep) { check(*keep, "keep", {rows, L, 1}); a.keep = keep->contiguous(); }
   return a;
