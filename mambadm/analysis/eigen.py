@@ -95,7 +95,6 @@ def eigenvalues(model: nn.Module, batches: list[dict] | None = None) -> list[dic
     return out
 
 
-
 def statistics(entry: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:
     """Summary of one mixer's eigenvalues: shapes, ranges, Δ statistics, long-memory shares and timescales."""
     cont, disc, delta = entry["continuous"], np.abs(entry["discrete"]), entry["delta"]

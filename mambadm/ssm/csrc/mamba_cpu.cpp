@@ -27,10 +27,10 @@
 //
 //     pre_t = bias + sum_k w[:, k] * x_{t-K+1+k},     out_t = silu(pre_t)
 //
-// With segment > 0 the sequence is cut into windows of `segment` steps from its start and a tap never reads
-// across a window start (the local branch of a GLoMa layer: every window as if it were its own sequence).
 // one pass forward; the backward recomputes pre_t and returns the gradients of x, w and bias (w and bias as
-// per-row partial sums), vectorised over channels.
+// per-row partial sums), vectorised over channels. With segment > 0 the sequence is cut into windows of `segment`
+// steps from its start and a tap never reads across a window start (the local branch of a GLoMa layer: every
+// window as if it were its own sequence).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
