@@ -10,7 +10,9 @@ a quarter of the frames each (4 full checkpoints + the partial last one, i.e. 5 
 with ``isal`` (the decompression limit). The work any sharder must do beyond decompressing is measured in the same
 run: sha256 and writing (to the page cache) of as many bytes as the shards hold; their sum with the isal time is the
 "required work" bound. Peak RSS is the sharding process's own (``--workers 1``), its VmHWM. ``--work DIR`` keeps the
-collected inputs there and reuses them on the next run.
+collected inputs there and reuses them on the next run. ``--workers-input STEPS UNITS`` adds a worker-scaling table
+on a larger input cut into more units: wall time, and the sharding phase that shard.py reports (the units going
+through the pool, without interpreter start-up and dataset description).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import gzip
 import hashlib
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -36,8 +39,11 @@ PEAK_WRAPPER = ("import atexit, runpy, sys; atexit.register(lambda: print(next(l
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, peak RSS (MiB) and CPU seconds (user + sys, its pool workers included) of
+SHARDING_SECONDS = re.compile(r"in ([0-9.]+) s of sharding")
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Wall seconds, peak RSS (MiB), CPU seconds (user + sys, its pool workers included) and stdout of
     ``python SCRIPT ARGS...`` run as a subprocess."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -48,15 +54,23 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float]:
     if done.returncode != 0:
         raise RuntimeError(f"{cmd} failed: {done.stderr[-2000:]}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return seconds, int(done.stderr.strip().splitlines()[-1].split()[1]) / 1024, cpu
+    return seconds, int(done.stderr.strip().splitlines()[-1].split()[1]) / 1024, cpu, done.stdout
+
+
+def shard_run(source: str, src: Path, out: Path, workers: int, *extra: str) -> dict:
+    """One shard.py run: wall seconds, the seconds of its sharding phase (units through the workers, as shard.py
+    reports them: no interpreter start-up, imports or dataset description), peak RSS, tar bytes and CPU seconds."""
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, rss, cpu, stdout = run_measured(["data_pipeline/shard.py", "--source", source, "--input", str(src),
+                                              "--output", str(out), "--workers", str(workers), *extra])
+    return {"wall": seconds, "sharding": float(SHARDING_SECONDS.search(stdout).group(1)), "rss": rss,
+            "bytes": sum(p.stat().st_size for p in out.glob("*.tar")), "cpu": cpu}
 
 
 def shard(source: str, src: Path, out: Path, workers: int, *extra: str) -> tuple[float, float, int, float]:
     """Wall seconds, peak RSS, bytes of tars written and CPU seconds of one shard.py run."""
-    shutil.rmtree(out, ignore_errors=True)
-    seconds, rss, cpu = run_measured(["data_pipeline/shard.py", "--source", source, "--input", str(src),
-                                      "--output", str(out), "--workers", str(workers), *extra])
-    return seconds, rss, sum(p.stat().st_size for p in out.glob("*.tar")), cpu
+    r = shard_run(source, src, out, workers, *extra)
+    return r["wall"], r["rss"], r["bytes"], r["cpu"]
 
 
 def row(name: str, steps: int, seconds: float, mb_in: float, rss: float | str = "", cpu: float | None = None) -> str:
@@ -121,16 +135,38 @@ def decompress_seconds(gz: list[Path], module) -> float:
     return best_of(run)
 
 
-def collected_atari(work: Path, n: int) -> Path:
-    """Breakout, ``n`` agent steps in checkpoints of ``n // 4`` rows (reused from ``work`` when complete)."""
+def collected_atari(work: Path, n: int, capacity: int | None = None) -> Path:
+    """Breakout, ``n`` agent steps in checkpoints of ``capacity`` rows (default ``n // 4``), reused from ``work``
+    when complete."""
     from data_pipeline.collect_atari import collect_atari
 
-    folder = work / f"atari-{n}"
+    capacity = capacity or n // 4
+    folder = work / (f"atari-{n}" if capacity == n // 4 else f"atari-{n}-per-{capacity}")
     if not (folder / ".complete").exists():
         shutil.rmtree(folder, ignore_errors=True)
-        collect_atari("Breakout", folder, n, 0, capacity=n // 4, progress=False)
+        collect_atari("Breakout", folder, n, 0, capacity=capacity, progress=True)
         (folder / ".complete").touch()
     return folder / "Breakout"
+
+
+def bench_workers(work: Path, n: int, units: int, repeats: int, out: Path) -> list[str]:
+    """1 vs 2 workers on Breakout in ``units`` checkpoints, shards written to ``out``: wall time and the sharding
+    phase alone, best of ``repeats`` runs each (alternating)."""
+    root = collected_atari(work, n, capacity=-(-n // units))
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for workers in (1, 2):
+            runs[workers].append(shard_run("dqn-replay", root, out, workers))
+    shutil.rmtree(out, ignore_errors=True)
+    best = {w: {k: min(r[k] for r in rs) for k in ("wall", "sharding")} for w, rs in runs.items()}
+    n_units = len({p.name.split("ckpt.")[1] for p in root.rglob("*.gz")})
+    return [f"| Atari {n:,} ({n_units} units) → {out.parent} | {best[1]['wall']:.2f} | {best[2]['wall']:.2f} | "
+            f"{best[1]['wall'] / best[2]['wall']:.2f} | {best[1]['sharding']:.2f} | {best[2]['sharding']:.2f} | "
+            f"{best[1]['sharding'] / best[2]['sharding']:.2f} |"]
+
+
+WORKERS_HEADER = ("| input | wall s, 1 worker | wall s, 2 workers | wall speed-up | sharding phase s, 1 worker "
+                  "| sharding phase s, 2 workers | sharding-phase speed-up |\n|---|---|---|---|---|---|---|")
 
 
 def bench_dqn(work: Path, sizes: list[int]) -> tuple[list[str], list[str]]:
@@ -184,6 +220,12 @@ def main() -> None:
     p.add_argument("--atari-large", type=int, default=100_000)
     p.add_argument("--sources", nargs="+", default=["d4rl", "dqn-replay"], choices=["d4rl", "dqn-replay"])
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--workers-input", type=int, nargs=2, metavar=("STEPS", "UNITS"), default=None,
+                   help="also time 1 vs 2 workers on Breakout of STEPS agent steps in UNITS checkpoints "
+                        "(collected once into --work: ~6 min for 200,000 steps)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per worker count for --workers-input (best kept)")
+    p.add_argument("--workers-out", nargs="+", default=[], metavar="DIR",
+                   help="for --workers-input: also write the shards under each DIR (e.g. /dev/shm: no disk)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -198,6 +240,10 @@ def main() -> None:
     if ratios:
         print("\n" + RATIO_HEADER)
         print("\n".join(ratios))
+    if args.workers_input:
+        print("\n" + WORKERS_HEADER)
+        for out in [work, *map(Path, args.workers_out)]:
+            print("\n".join(bench_workers(work, *args.workers_input, args.repeats, out / "bench-shard-out")))
     shutil.rmtree(work / "out", ignore_errors=True)
     if not args.work:
         shutil.rmtree(work)

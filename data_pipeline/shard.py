@@ -60,11 +60,11 @@ def run_jobs(jobs: list[UnitJob], workers: int, total: int | None) -> list[dict]
         counter = ctx.Value("q", 0)
         with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
             pending = [pool.apply_async(_run_job, (job,)) for job in jobs]
-            while not all(r.ready() for r in pending):
+            while unfinished := [r for r in pending if not r.ready()]:
                 for r in pending:  # surface the first failure at once
                     if r.ready() and not r.successful():
                         r.get()
-                time.sleep(0.2)
+                unfinished[0].wait(0.2)  # returns as soon as that unit is done: no idle tail after the last one
                 bar.update(counter.value - bar.n)
             records = [r.get() for r in pending]
             bar.update(counter.value - bar.n)
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [UnitJob(args.source, u, i, str(output), chunking, args.shard_transitions, not atari)
                     for i, u in enumerate(units)]
             sizes = [getattr(u, "transitions", 0) for u in units]
+            started = time.perf_counter()
             records = run_jobs(jobs, args.workers, sum(sizes) if all(sizes) else None)
+            sharding_seconds = time.perf_counter() - started
         except (DatasetFormatError, OSError) as e:
             print(f"shard.py: error: {e}", file=sys.stderr)
             return 2
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(output / "index.json", index)
         t = index["totals"]
         print(f"wrote {len(index['shards'])} shards ({t['samples']} samples, {t['transitions']} transitions, "
-              f"{t['episodes']} episodes, {t['bytes'] / 1e6:.1f} MB) and {output / 'index.json'}")
+              f"{t['episodes']} episodes, {t['bytes'] / 1e6:.1f} MB) from {len(jobs)} units in "
+              f"{sharding_seconds:.2f} s of sharding with {args.workers} worker(s), and {output / 'index.json'}")
     if args.verify:
         if not (output / "index.json").exists():
             print(f"shard.py: error: {output / 'index.json'} not found: nothing to verify", file=sys.stderr)

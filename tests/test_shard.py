@@ -68,6 +68,7 @@ def test_parallel_run_resume_after_kill_and_verify(d4rl_dir, tmp_path):
     done = subprocess.run(shard_cmd(d4rl_dir, clean, "--workers", "2"), cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "from 3 units in" in done.stdout and "s of sharding with 2 worker(s)" in done.stdout, done.stdout
     expected = shard_files(clean)
     assert {name.split("-")[1] for name in expected} == {"0000", "0001", "0002"}
 
@@ -127,3 +128,22 @@ def test_dqn_replay_source_round_trip(tmp_path):
     assert len(units) >= 2 and len(episodes) >= 6
     assert {s["name"][:10] for s in index["shards"]} == {f"shard-{i:04d}" for i, u in enumerate(units)
                                                          if any(True for _ in dqn_replay.read_unit(u))}
+
+
+def test_a_failing_unit_in_a_worker_fails_the_run_clearly(d4rl_dir, tmp_path):
+    """A unit that only turns out bad while a pool worker reads it: the run exits non-zero, names the file, and
+    leaves no index that looks complete."""
+    src = tmp_path / "hopper"
+    src.mkdir()
+    for part in sorted(d4rl_dir.glob("*.hdf5")):
+        with h5py.File(part, "r") as f:
+            data = {k: f[k][()] for k in DTYPES}
+        if part.name.endswith("part2.hdf5"):
+            data["rewards"][len(data["rewards"]) // 2] = float("nan")
+        write_d4rl(src / part.name, data)
+    out = tmp_path / "out"
+    done = subprocess.run(shard_cmd(src, out, "--workers", "2"), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "part2.hdf5" in done.stderr and "NaN" in done.stderr, done.stderr
+    assert not (out / "index.json").exists()
