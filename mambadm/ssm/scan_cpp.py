@@ -178,7 +178,7 @@ def selective_scan_cpp(
     from zero every `segment` steps (windows aligned to the start, each as its own sequence); `chunk`: backward
     restart interval in steps."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
-    keep = segment_keep(u.shape[0], u.shape[-1], segment, dtype)
+    keep = _segment_keep(u.shape[0], u.shape[-1], segment, dtype)
     out, last = _CppScan.apply(
         batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
         batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
@@ -226,7 +226,7 @@ def _segment_steps(segment: int | None) -> int:
     return int(segment)
 
 
-def segment_keep(batch: int, length: int, segment: int | None, dtype: torch.dtype) -> Tensor | None:
+def _segment_keep(batch: int, length: int, segment: int | None, dtype: torch.dtype) -> Tensor | None:
     """keep (batch, L, 1) for the scan kernel: 0 at every window start (None when one window covers all L steps)."""
     if segment is None or _segment_steps(segment) >= length:
         return None
