@@ -3,7 +3,8 @@
 Part 1 — env steps per second, with uniform random actions and *including* policy inference (a small untrained
 MambaDM, 3 layers, d=128, acting recurrently, one thread per worker), on preprocessed Breakout and on Hopper:
   single process (1 env) | AsyncVectorEnv with M worker processes (policy batched over M envs in the main process) |
-  Ray with M rollout actors (1 env each, each with its own policy copy), M in {1, 2}.
+  Ray with M rollout actors (1 env each, each with its own policy copy), M in {1, 2}; then Ray with 2 actors of
+  4 and 16 envs each (same two worker processes; AsyncVectorEnv has one env per worker by construction).
 Ray actors are started and warmed up before the clock starts (startup is a one-off cost per evaluation).
 
 Part 2 — policy time per action inside the rollout (``run_group``): recurrent MambaDM vs Decision Transformer
@@ -36,6 +37,7 @@ from mambadm.config import EnvSpec, EvalConfig, load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
 
 ENVS = {"Breakout": {"kind": "atari", "game": "Breakout"}, "Hopper": {"kind": "mujoco", "task": "hopper"}}
+ENVS_PER_ACTOR = (4, 16)  # the extra Ray rows of part 1
 SPECS = {"Breakout": EnvSpec("atari", [4, 84, 84], 4, True, 4096), "Hopper": EnvSpec("vector", [11], 3, False, 1000)}
 
 
@@ -95,21 +97,23 @@ def steps_async(name: str, family: str, workers: int, seconds: float) -> float:
 
 @ray.remote(num_cpus=1)
 class ThroughputActor:
-    def __init__(self, name: str, family: str):
+    """Runs groups of ``n_envs`` episodes in lockstep (one batched policy call per step), as rollout actors do."""
+
+    def __init__(self, name: str, family: str, n_envs: int = 1):
         torch.set_num_threads(1)
-        self.env = make_env(ENVS[name], OmegaConf.structured(EvalConfig))
-        self.policy = make_policy(name, self.env.action_space, family)
+        self.envs = [make_env(ENVS[name], OmegaConf.structured(EvalConfig)) for _ in range(n_envs)]
+        self.policy = make_policy(name, self.envs[0].action_space, family)
 
     def run(self, seconds: float, seed: int) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            res = run_group([self.env], self.policy, make_tasks([90.0], 1, seed + n))
-            n += res[0]["length"]
+            res = run_group(self.envs, self.policy, make_tasks([90.0], len(self.envs), seed + n))
+            n += sum(r["length"] for r in res)
         return n, time.perf_counter() - t0
 
 
-def steps_ray(name: str, family: str, actors: int, seconds: float) -> float:
-    pool = [ThroughputActor.remote(name, family) for _ in range(actors)]
+def steps_ray(name: str, family: str, actors: int, seconds: float, envs_per_actor: int = 1) -> float:
+    pool = [ThroughputActor.remote(name, family, envs_per_actor) for _ in range(actors)]
     ray.get([a.run.remote(0.5, i) for i, a in enumerate(pool)])  # warm: envs and policies built, code paths hot
     t0 = time.perf_counter()
     results = ray.get([a.run.remote(seconds, 1000 * i) for i, a in enumerate(pool)])
@@ -124,19 +128,29 @@ def part1(seconds: float) -> None:
     print("\n| env | policy | one process | AsyncVectorEnv×1 | Ray×1 | AsyncVectorEnv×2 | Ray×2 | Ray×2 / (2·Ray×1) | "
           "Ray×2 / AsyncVectorEnv×2 |")
     print("|---|---|---|---|---|---|---|---|---|")
+    per_actor = []
     for name, family in ((n, f) for n in ENVS for f in ("random", "mambadm")):
         one = steps_single(name, family, seconds)
         av1, r1 = steps_async(name, family, 1, seconds), steps_ray(name, family, 1, seconds)
         av2, r2 = steps_async(name, family, 2, seconds), steps_ray(name, family, 2, seconds)
         print(f"| {name} | {family} | {one:.0f} | {av1:.0f} | {r1:.0f} | {av2:.0f} | {r2:.0f} | {r2 / (2 * r1):.2f} | "
               f"{r2 / av2:.2f} |", flush=True)
+        more = [steps_ray(name, family, 2, seconds, envs) for envs in ENVS_PER_ACTOR]
+        per_actor.append(f"| {name} | {family} | {av2:.0f} | {r2:.0f} | " + " | ".join(f"{r:.0f}" for r in more)
+                         + f" | {max(r2, *more) / av2:.2f} |")
+    # Same two worker processes, but each Ray actor owning several envs (one batched policy call per step for
+    # them, as `--envs-per-actor` does); AsyncVectorEnv has one env per worker by construction.
+    print("\n| env | policy | AsyncVectorEnv×2 | Ray×2, 1 env per actor | "
+          + " | ".join(f"Ray×2, {e} envs per actor" for e in ENVS_PER_ACTOR) + " | best Ray×2 / AsyncVectorEnv×2 |")
+    print("|---|---|---|---|" + "---|" * len(ENVS_PER_ACTOR) + "---|")
+    print("\n".join(per_actor), flush=True)
     ray.shutdown()
 
 
 def part2(frames: int) -> None:
     torch.set_num_threads(1)
     cfg = OmegaConf.merge(EVAL_CFG, {"max_episode_frames": frames})
-    print(f"\n| policy | envs per actor | ms per batched call | ms per action | ratio to MambaDM (same envs) |")
+    print("\n| policy | envs per actor | ms per batched call | ms per action | ratio to MambaDM (same envs) |")
     print("|---|---|---|---|---|")
     for n_envs in (1, 16):
         envs = [make_env(ENVS["Breakout"], cfg) for _ in range(n_envs)]
