@@ -172,6 +172,23 @@ void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
   }
 }
 
+// A (lane-major, see lane_major_A), D and delta_bias of every group, zeros for absent D / delta_bias; row b of a
+// scan uses group b % groups.
+template <typename T>
+struct GroupParams {
+  int64_t G, Dn, N, Dp;
+  std::vector<T> A, zeros;
+  const T *D, *bias;  // (G, Dn) each
+  GroupParams(const Args& a, int64_t Dp_)
+      : G(a.A.size(0)), Dn(a.A.size(1)), N(a.A.size(2)), Dp(Dp_), A(lane_major_A<T>(a.A, Dp_)),
+        zeros(G * Dn, T(0)),
+        D(a.D.defined() ? a.D.data_ptr<T>() : zeros.data()),
+        bias(a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data()) {}
+  const T* A_of(int64_t b) const { return A.data() + (b % G) * N * Dp; }
+  const T* D_of(int64_t b) const { return D + (b % G) * Dn; }
+  const T* bias_of(int64_t b) const { return bias + (b % G) * Dn; }
+};
+
 // One step of one block of kLanes channels: a = keep exp(delta' A), h = a h_prev + x B and y = <h, C> per lane.
 // h_prev may be h itself (the forward updates in place); with kStoreDecay the decays go to `a` for the adjoint.
 template <typename T, bool kStoreDecay>
@@ -199,7 +216,7 @@ inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, cons
 // save_starts: keep the state at every chunk start (lane layout) for the backward; off when no gradient is needed.
 template <typename T, int64_t NS>
 std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
-  const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2), G = a.A.size(0);
+  const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = (L + chunk - 1) / chunk;
   const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
@@ -211,10 +228,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), z, keep;
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const std::vector<T> zeros(G * Dn, T(0));  // D and delta_bias when absent
-  const T* D_all = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();  // (G, Dn)
-  const T* bias_all = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();  // (G, Dn)
+  const GroupParams<T> groups(a, Dp);
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   T* lst = last.data_ptr<T>();
@@ -227,8 +241,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
     for (int64_t b = r0; b < r1; ++b) {
       std::fill(h.begin(), h.end(), T(0));
       if (h0) to_lanes(h0 + b * Dn * N, Dn, N, h.data());
-      const T* Ab = At.data() + (b % G) * N * Dp;
-      const T *Dv = D_all + (b % G) * Dn, *bias = bias_all + (b % G) * Dn;
+      const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
@@ -266,7 +279,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
 template <typename T, int64_t NS>
 std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, const at::Tensor& grad_out_t,
                                       const std::optional<at::Tensor>& grad_last) {
-  const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2), G = a.A.size(0);
+  const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = starts.size(1);
   const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
@@ -283,10 +296,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), go(grad_out_t), z, keep;
   if (a.z.defined()) z = View3<T>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const std::vector<T> At = lane_major_A<T>(a.A, Dp);
-  const std::vector<T> zeros(G * Dn, T(0));  // D and delta_bias when absent
-  const T* D_all = a.D.defined() ? a.D.data_ptr<T>() : zeros.data();  // (G, Dn)
-  const T* bias_all = a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data();  // (G, Dn)
+  const GroupParams<T> groups(a, Dp);
   const T* st = starts.data_ptr<T>();
   const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
   T *gu = g_u.data_ptr<T>(), *gdelta = g_delta.data_ptr<T>(), *gB = g_B.data_ptr<T>(), *gC = g_C.data_ptr<T>();
@@ -304,8 +314,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     std::vector<T> y(T_max * Dp, T(0)), gy(T_max * Dp, T(0)), gx(T_max * Dp, T(0)), ga(T_max * Dp, T(0));
     std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
     for (int64_t b = r0; b < r1; ++b) {
-      const T* Ab = At.data() + (b % G) * N * Dp;
-      const T *Dv = D_all + (b % G) * Dn, *bias = bias_all + (b % G) * Dn;
+      const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
       if (gl) to_lanes(gl + b * Dn * N, Dn, N, carry.data());
       std::fill(gA_acc.begin(), gA_acc.end(), T(0));
