@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: the system packages the cluster tests use (and a C++ compiler for the CPU kernels),
-# a virtual environment in .venv,
-# the CPU build of torch (pinned first, so no other package pulls a multi-GB CUDA build), then the project.
+# Sets up a fresh machine: the system packages the cluster tests use (and a C++ compiler for the CPU kernels), a
+# virtual environment in .venv, the CPU build of torch (pinned first, so no other package pulls a multi-GB CUDA
+# build), then the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -264,6 +264,9 @@ def test_segmented_forward_cpp_in_place_equals_windows_in_the_batch(segment, len
         assert _rel(outs[name], outs["ref"]) < 1e-5, name
         for (pname, p_ref), p in zip(mixers["ref"].named_parameters(), mixers[name].parameters()):
             assert _rel(p.grad, p_ref.grad) < 1e-4, (name, pname)
+    for m in mixers.values():
+        with pytest.raises(ValueError, match="segment must be a positive number of tokens"):
+            m(x, segment=0)
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):

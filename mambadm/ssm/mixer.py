@@ -195,6 +195,8 @@ class Mamba(nn.Module):
         kernels restart in place; the other backends run the windows folded into the batch (the last one
         right-padded, which, being causal, changes no real token).
         """
+        if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
+            raise ValueError(f"Mamba: segment must be a positive number of tokens or None, got {segment!r}")
         backend = self.backend_in_use
         if segment is not None and backend != "cpp":
             b, length, d = x.shape
