@@ -10,6 +10,11 @@
   (84x84x4 frames, 4 actions) for every size preset of both families; tokens/s = 3 K batch / step time and
   MFU = model.flops_per_token(K) x tokens/s / the card's dense bf16 peak (--peak-tflops; looked up from the device
   name when omitted). The matmul rate actually reached by one 8192^3 bf16 product is printed beside it.
+- mfu: the same training step for the --sizes presets (default the largest) of --families, over --mfu-batches,
+  eager and, for --compile-batches, with the model compiled (`model.compile()`, what `accelerate launch
+  --dynamo_backend inductor` does to the module); a batch that does not fit is printed as OOM.
+- profile: torch.profiler over 3 training steps of each --families' first --sizes preset at --batch: the kernels
+  that take the GPU's time, most first.
 
 Everything printed is measured in this run on the card named in the first line.
 """
@@ -146,43 +151,110 @@ def atari_batch(batch: int, k: int) -> dict[str, torch.Tensor]:
     }
 
 
-def train_throughput(backends: list[str], peak: float, batch: int, k: int) -> list[dict]:
-    spec = EnvSpec(obs_kind="atari", obs_shape=[4, 84, 84], act_dim=4, discrete=True)
+ATARI = EnvSpec(obs_kind="atari", obs_shape=[4, 84, 84], act_dim=4, discrete=True)
+TRAIN_HEADER = ("\n| family | size | backend | compiled | params | batch | K | step ms | tokens/s | TFLOP/s | MFU |"
+                "\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def training_step(family: str, size: str, backend: str, batch: int, k: int, compiled: bool = False):
+    """(model, step): one full training step (bf16 autocast, loss, backward, clip, AdamW) on an in-memory batch."""
+    overrides = [f"model.family={family}", f"model.size={size}"]
+    if family == "mambadm":
+        overrides.append(f"model.backend={backend}")
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ATARI).to(DEVICE).train()
+    if compiled:
+        model.compile()  # compiles the module's __call__, which model.loss goes through
+    opt = make_optimizer(model, cfg.optim)
     data = atari_batch(batch, k)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss, _ = model.loss(data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def time_training(family: str, size: str, backend: str, batch: int, k: int, peak: float,
+                  compiled: bool = False) -> dict:
+    """Times one training configuration and prints its table row; a batch that does not fit prints OOM."""
+    row = {"family": family, "size": size, "backend": backend, "compiled": compiled, "batch": batch, "K": k}
+    model = step = None
+    try:
+        model, step = training_step(family, size, backend, batch, k, compiled)
+        seconds = cuda_time(step, warmup=3, repeats=10)
+    except torch.cuda.OutOfMemoryError:
+        print(f"| {family} | {size} | {backend} | {compiled} | - | {batch} | {k} | OOM | | | |", flush=True)
+        return {**row, "oom": True}
+    finally:
+        del model, step
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    tokens = 3 * k * batch / seconds
+    flops = build_flops(family, size, k)
+    row.update(params=flops["params"], step_ms=1000 * seconds, tokens_per_s=tokens,
+               tflops=flops["per_token"] * tokens / 1e12)
+    row["mfu"] = row["tflops"] / peak
+    print(f"| {family} | {size} | {backend} | {compiled} | {row['params']:,} | {batch} | {k} | {row['step_ms']:.1f} | "
+          f"{tokens:,.0f} | {row['tflops']:.1f} | {100 * row['mfu']:.2f}% |", flush=True)
+    return row
+
+
+def build_flops(family: str, size: str, k: int) -> dict:
+    """Parameter count and analytic training FLOPs per token of a preset (built on the CPU, no GPU memory)."""
+    cfg = load_config(None, [f"model.family={family}", f"model.size={size}"])
+    model = build_model(cfg.model, ATARI)
+    return {"params": model.num_params(), "per_token": model.flops_per_token(k)}
+
+
+def train_throughput(backends: list[str], peak: float, batch: int, k: int) -> list[dict]:
     rows = []
-    print(f"\n| family | size | backend | params | batch | K | step ms | tokens/s | TFLOP/s | MFU |"
-          "\n|---|---|---|---|---|---|---|---|---|---|")
+    print(TRAIN_HEADER)
     for family in ("mambadm", "dt"):
         for size in SIZES:
             for backend in (backends if family == "mambadm" else ["-"]):
-                overrides = [f"model.family={family}", f"model.size={size}"]
-                if family == "mambadm":
-                    overrides.append(f"model.backend={backend}")
-                cfg = load_config(None, overrides)
-                torch.manual_seed(0)
-                model = build_model(cfg.model, spec).to(DEVICE).train()
-                opt = make_optimizer(model, cfg.optim)
-
-                def step():
-                    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                        loss, _ = model.loss(data)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-                seconds = cuda_time(step, warmup=3, repeats=10)
-                tokens = 3 * k * batch / seconds
-                tflops = model.flops_per_token(k) * tokens / 1e12
-                row = {"family": family, "size": size, "backend": backend, "params": model.num_params(),
-                       "batch": batch, "K": k, "step_ms": 1000 * seconds, "tokens_per_s": tokens,
-                       "tflops": tflops, "mfu": tflops / peak}
-                rows.append(row)
-                print(f"| {family} | {size} | {backend} | {row['params']:,} | {batch} | {k} | {row['step_ms']:.1f} | "
-                      f"{tokens:,.0f} | {tflops:.1f} | {100 * row['mfu']:.2f}% |", flush=True)
-                del model, opt
-                torch.cuda.empty_cache()
+                rows.append(time_training(family, size, backend, batch, k, peak))
     return rows
+
+
+def mfu_sweep(families: list[str], sizes: list[str], backends: list[str], peak: float, k: int,
+              batches: list[int], compile_batches: list[int]) -> list[dict]:
+    rows = []
+    print(TRAIN_HEADER)
+    for family in families:
+        for size in sizes:
+            for backend in (backends if family == "mambadm" else ["-"]):
+                for batch in batches:
+                    rows.append(time_training(family, size, backend, batch, k, peak))
+                for batch in compile_batches:
+                    rows.append(time_training(family, size, backend, batch, k, peak, compiled=True))
+    return rows
+
+
+def profile_step(family: str, size: str, backend: str, batch: int, k: int) -> None:
+    """Prints the GPU kernels of 3 training steps, by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, step = training_step(family, size, backend, batch, k)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) / 3
+    sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {family} {size} {backend} batch {batch} K {k}: {1000 * wall:.1f} ms per step (wall, profiled)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    del model, step
 
 
 def main() -> None:
@@ -190,6 +262,10 @@ def main() -> None:
     p.add_argument("--parts", nargs="*", default=["parity", "mixer", "train"])
     p.add_argument("--backends", nargs="*", help="default: every backend available on the GPU")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--families", nargs="*", default=["mambadm", "dt"], help="mfu and profile parts")
+    p.add_argument("--sizes", nargs="*", default=["xxl"], help="mfu and profile parts")
+    p.add_argument("--mfu-batches", nargs="*", type=int, default=[128, 256, 512])
+    p.add_argument("--compile-batches", nargs="*", type=int, default=[256])
     p.add_argument("--context", type=int, default=30)
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--json", help="also write every measurement to this file")
@@ -201,6 +277,7 @@ def main() -> None:
         SIZES[:] = ["xs"]
         MIXER_SHAPES[:] = [(32, 24)]
         args.batch, args.context, args.peak_tflops = 2, 6, args.peak_tflops or 1.0
+        args.sizes, args.mfu_batches, args.compile_batches = ["xs"], [2], [2]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and float32 timings in true float32
@@ -218,6 +295,13 @@ def main() -> None:
         out["mixer"] = mixer_throughput(backends)
     if "train" in args.parts:
         out["train"] = train_throughput([b for b in backends if b != "ref"], peak, args.batch, args.context)
+    fast_backends = [b for b in backends if b not in ("ref", "fast")] or ["fast"]  # the fused kernels when present
+    if "profile" in args.parts:
+        for family in args.families:
+            profile_step(family, args.sizes[0], fast_backends[0], args.batch, args.context)
+    if "mfu" in args.parts:
+        out["mfu"] = mfu_sweep(args.families, args.sizes, fast_backends, peak, args.context, args.mfu_batches,
+                               args.compile_batches)
     print(f"\n(total {time.time() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

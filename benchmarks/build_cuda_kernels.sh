@@ -7,8 +7,8 @@
 #
 #     [LEAN=1] benchmarks/build_cuda_kernels.sh SRC_DIR [ARCH]
 #
-# LEAN=1 first trims the mamba-ssm tree to what MambaDM calls (benchmarks/lean_selective_scan.py): several times
-# fewer kernels to compile.
+# LEAN=1 first trims both trees to what MambaDM calls (benchmarks/lean_selective_scan.py and
+# benchmarks/lean_causal_conv1d.py): several times fewer kernels to compile.
 #
 # On a machine with network access `pip install -e .[cuda]` (prebuilt wheels where they exist) is simpler.
 set -euo pipefail
@@ -45,7 +45,10 @@ if [ -z "$mamba" ] || [ -z "$conv" ]; then
     echo "build_cuda_kernels.sh: $src must hold the unpacked sdists mamba_ssm-<version>/ and causal_conv1d-<version>/" >&2
     exit 2
 fi
-if [ "${LEAN:-0}" = 1 ]; then python3 "$(dirname "$0")/lean_selective_scan.py" "$mamba" || exit 1; fi
+if [ "${LEAN:-0}" = 1 ]; then
+    python3 "$(dirname "$0")/lean_selective_scan.py" "$mamba" || exit 1
+    python3 "$(dirname "$0")/lean_causal_conv1d.py" "$conv" || exit 1
+fi
 echo "building for sm_$arch with $jobs jobs (LEAN=${LEAN:-0}): $mamba $conv"
 start=$SECONDS
 build "$conv" CAUSAL_CONV1D 4 > "$src/causal_conv1d.build.log" 2>&1 &

@@ -9,7 +9,9 @@
 # SHARDS_DIR: a small sharded vector dataset (e.g. collected Hopper) for real `accelerate launch` runs;
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
-# Writes env.txt, parity_pure.txt, train_fast.log, build.log, tests.txt, bench_gpu.{txt,json}, train_cuda.log.
+# Writes env.txt, parity_pure.txt, dt.txt, train_fast.log, build.log, tests.txt, mambadm_profile.txt, mambadm.txt,
+# mambadm_torch_conv.txt, mixer.txt,
+# bench_gpu*.json, train_cuda.log, and kernels.tar (the built extensions, to reuse on the same image).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [KERNEL_SRC_DIR] [WHEEL_DIR] [SHARDS_DIR] [BUILD_DEADLINE_S]}
 src=${2:-}
@@ -51,9 +53,12 @@ print("export:", sorted(p.name for p in (run / "export").iterdir()))
 EOF
 }
 
-# 1. beside the build: pure-PyTorch parity on the GPU and a real bf16 training run on the fast backend.
+# 1. beside the build: pure-PyTorch parity on the GPU, the DT throughput sweep and profile (no kernels needed),
+#    and a real bf16 training run on the fast backend.
 if [ "${SKIP_PURE:-0}" != 1 ]; then
-    python3 benchmarks/bench_gpu.py --parts parity --backends ref fast > "$out/parity_pure.txt" 2>&1
+    timeout 60 python3 benchmarks/bench_gpu.py --parts parity --backends ref fast > "$out/parity_pure.txt" 2>&1
+    timeout 220 python3 benchmarks/bench_gpu.py --parts profile mfu --families dt --mfu-batches 128 512 1024 \
+        --compile-batches 512 --batch 512 --json "$out/bench_gpu_dt.json" > "$out/dt.txt" 2>&1
     [ -n "$shards" ] && train fast fast 300
 fi
 
@@ -66,17 +71,29 @@ if [ -n "$build_pid" ]; then
     else
         wait "$build_pid"; echo "build exit $? at ${SECONDS} s" >> "$out/build.log"
     fi
+    without_conv=$PYTHONPATH
     for d in "$src"/mamba_ssm-*/ "$src"/causal_conv1d-*/; do  # whichever extension got built
         if ls "$d"/*.so > /dev/null 2>&1; then export PYTHONPATH=${d%/}:$PYTHONPATH; echo "built: $d" >> "$out/build.log"; fi
+        case $d in *mamba_ssm*) without_conv=$PYTHONPATH;; esac
     done
+    (cd "$src" && tar cf "$out/kernels.tar" ./*/*.so) 2>> "$out/build.log"
     for f in "$src"/*.build.log; do echo "== $f"; grep -E "^\[[0-9]+/[0-9]+\]|rror" "$f" | tail -8; done >> "$out/build.log" 2>&1
 fi
 
 # 3. the mixer tests on this machine (the mamba_ssm state-dict round trip runs only where mamba_ssm imports).
-python3 -m pytest -q -p no:cacheprovider tests/test_ssm_mixer.py tests/test_ssm_scan.py -rs > "$out/tests.txt" 2>&1
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ssm_mixer.py tests/test_ssm_scan.py -rs > "$out/tests.txt" 2>&1
 
-# 4. every backend side by side: parity, mixer tokens/s, training tokens/s and MFU of every preset.
-python3 benchmarks/bench_gpu.py --json "$out/bench_gpu.json" > "$out/bench_gpu.txt" 2>&1
+# 4. the fused kernels: parity, the MambaDM throughput sweep and profile, then the mixer block side by side.
+# (Each step has a time limit, so that one slow step cannot cost the ones after it.)
+timeout 60 python3 benchmarks/bench_gpu.py --parts parity profile --families mambadm --batch 256 \
+    > "$out/mambadm_profile.txt" 2>&1
+timeout 150 python3 benchmarks/bench_gpu.py --parts mfu --families mambadm --mfu-batches 128 256 512 \
+    --compile-batches 256 --json "$out/bench_gpu_mambadm.json" > "$out/mambadm.txt" 2>&1
+if [ "${without_conv:-$PYTHONPATH}" != "$PYTHONPATH" ]; then  # causal-conv1d built: the same step with nn.Conv1d
+    PYTHONPATH=$without_conv timeout 60 python3 benchmarks/bench_gpu.py --parts mfu --families mambadm \
+        --mfu-batches 128 256 --compile-batches > "$out/mambadm_torch_conv.txt" 2>&1
+fi
+timeout 60 python3 benchmarks/bench_gpu.py --parts mixer --json "$out/bench_gpu_mixer.json" > "$out/mixer.txt" 2>&1
 
 # 5. the same real training run on the cuda backend, when it exists.
 if [ -n "$shards" ] && python3 -c 'import mamba_ssm' 2>/dev/null; then train cuda cuda "${CUDA_TRAIN_STEPS:-300}"; fi
