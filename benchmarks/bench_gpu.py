@@ -13,8 +13,8 @@
 - mfu: the same training step for the --sizes presets (default the largest) of --families, over --mfu-batches,
   eager and, for --compile-batches, with the model compiled (`model.compile()`, what `accelerate launch
   --dynamo_backend inductor` does to the module); a batch that does not fit is printed as OOM.
-- profile: torch.profiler over 3 training steps of each --families' first --sizes preset at --batch: the kernels
-  that take the GPU's time, most first.
+- profile: torch.profiler over 3 training steps of each --families' first --sizes preset at --batch (MambaDM on
+  each fused backend): the kernels that take the GPU's time, most first.
 
 Everything printed is measured in this run on the card named in the first line.
 """
@@ -298,7 +298,8 @@ def main() -> None:
     fast_backends = [b for b in backends if b not in ("ref", "fast")] or ["fast"]  # the fused kernels when present
     if "profile" in args.parts:
         for family in args.families:
-            profile_step(family, args.sizes[0], fast_backends[0], args.batch, args.context)
+            for backend in (fast_backends if family == "mambadm" else fast_backends[:1]):
+                profile_step(family, args.sizes[0], backend, args.batch, args.context)
     if "mfu" in args.parts:
         out["mfu"] = mfu_sweep(args.families, args.sizes, fast_backends, peak, args.context, args.mfu_batches,
                                args.compile_batches)

@@ -51,7 +51,7 @@ class ModelConfig:
     expand: int = 2
     local_window: int = 4  # timesteps per local window: the local Mamba sees 3*local_window tokens
     fusion: str = "add"  # add | gate | concat
-    backend: str = "auto"  # auto | ref | fast | cpp | cuda
+    backend: str = "auto"  # auto | ref | fast | cpp | cuda | triton
     # Decision Transformer
     n_head: int = 4
 
@@ -133,7 +133,7 @@ class RunConfig:
 CHOICES = {
     "model.family": ("mambadm", "dt"),
     "model.fusion": ("add", "gate", "concat"),
-    "model.backend": ("auto", "ref", "fast", "cpp", "cuda"),
+    "model.backend": ("auto", "ref", "fast", "cpp", "cuda", "triton"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.mode": ("recurrent", "window"),
     "eval.mujoco_version": ("v4", "v5"),

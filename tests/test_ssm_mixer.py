@@ -154,8 +154,8 @@ def test_unavailable_or_unknown_backend_raises_clearly():
     with pytest.raises(BackendUnavailableError, match="backend='cuda' requested but"):
         m(torch.randn(1, 4, 16))
     assert m.backend == "cuda"
-    with pytest.raises(ValueError, match="unknown Mamba backend 'triton'"):
-        Mamba(16, backend="triton")
+    with pytest.raises(ValueError, match="unknown Mamba backend 'mamba2'"):
+        Mamba(16, backend="mamba2")
 
 
 @pytest.mark.skipif(CUDA_REASON is not None, reason=f"needs CUDA and mamba_ssm: {CUDA_REASON}")

@@ -4,7 +4,8 @@
 `fast` chunked pure-PyTorch scan with a hand-written backward (scan_fast.py), runs anywhere PyTorch does;
 `cpp`  fused C++ CPU kernel (scan_cpp.py), built on first use where a C++ compiler and ninja are present;
 `cuda` mamba_ssm's fused kernel (scan_cuda.py), only when mamba_ssm imports and the tensors are on CUDA;
-`auto` cuda when available and the device is CUDA; on a CPU cpp when it builds, else fast.
+`triton` a Triton kernel for short rows (scan_triton.py), on CUDA tensors where triton imports;
+`auto` on a GPU triton when it imports, else cuda, else fast; on a CPU cpp when it builds, else fast.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from mambadm.ssm.scan_cpp import cpp_missing, selective_scan_cpp
 from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
 from mambadm.ssm.scan_fast import selective_scan_fast
 from mambadm.ssm.scan_ref import selective_scan_ref
+from mambadm.ssm.scan_triton import selective_scan_triton, triton_missing
 
-BACKENDS = ("auto", "ref", "fast", "cpp", "cuda")
+BACKENDS = ("auto", "ref", "fast", "cpp", "cuda", "triton")
+SEGMENTED = ("cpp", "triton")  # the backends that restart the state every `segment` steps in place
 
 
 class BackendUnavailableError(RuntimeError):
@@ -32,6 +35,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         names.append("cpp")
     if torch.device(device).type == "cuda" and cuda_missing() is None:
         names.append("cuda")
+    if torch.device(device).type == "cuda" and triton_missing(device) is None:
+        names.append("triton")
     return names
 
 
@@ -58,6 +63,11 @@ def resolve_backend(name: str, device: torch.device | str) -> tuple[str, str]:
         if missing is not None:
             raise BackendUnavailableError(f"backend='cpp' requested but {missing}; use backend='fast' or 'auto'")
         return "cpp", "requested"
+    if name == "triton":
+        missing = triton_missing(device)
+        if missing is not None:
+            raise BackendUnavailableError(f"backend='triton' requested but {missing}; use backend='fast' or 'auto'")
+        return "triton", "requested"
     if name != "auto":
         return name, "requested"
     if device.type == "cpu":
@@ -67,6 +77,8 @@ def resolve_backend(name: str, device: torch.device | str) -> tuple[str, str]:
         return "cpp", "auto: device is cpu and the CPU kernel is built"
     if device.type != "cuda":
         return "fast", f"auto: device is {device.type}"
+    if triton_missing(device) is None:
+        return "triton", "auto: device is CUDA and triton imports"
     missing = cuda_missing()
     if missing is not None:
         return "fast", f"auto: {missing}"
@@ -89,22 +101,25 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with mamba_ssm's `selective_scan_fn` conventions (see scan_ref.py for shapes).
 
-    `segment` (cpp only): the state restarts every `segment` steps, windows aligned to the start. The mixer runs
-    the other backends on the windows folded into the batch instead (`Mamba.forward`).
+    `segment` (cpp and triton): the state restarts every `segment` steps, windows aligned to the start. The
+    mixer runs the other backends on the windows folded into the batch instead (`Mamba.forward`).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name, _ = resolve_backend(backend, u.device)
     if segment is not None:
-        if name != "cpp":
-            raise ValueError(f"selective_scan: segment is supported by the cpp backend only, not {name!r}")
-        return selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  segment=segment)
+        if name not in SEGMENTED:
+            raise ValueError(f"selective_scan: segment is supported by the {' and '.join(SEGMENTED)} backends only,"
+                             f" not {name!r}")
+        fn = selective_scan_cpp if name == "cpp" else selective_scan_triton
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, segment=segment)
     if name == "ref":
         fn = selective_scan_ref
     elif name == "fast":
         fn = selective_scan_fast
     elif name == "cpp":
         fn = selective_scan_cpp
+    elif name == "triton":
+        fn = selective_scan_triton
     else:
         fn = selective_scan_cuda()
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambadm.ssm.backends import BACKENDS, resolve_backend, selective_scan
+from mambadm.ssm.backends import BACKENDS, SEGMENTED, resolve_backend, selective_scan
 from mambadm.ssm.scan_cpp import causal_conv_silu_cpp
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda
 
@@ -27,18 +27,24 @@ def _at_least_f32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None, segment: int | None = None) -> Tensor:
     """nn.Conv1d(groups=channels, padding=K-1) over the time axis of u (batch, L, channels), first L outputs.
 
     out_t = bias + sum_k weight[:, 0, k] * u_{t-K+1+k} (zeros before the start), as K shifted multiply-adds in the
     batch-first layout: no transposed copy of u in or out, and its gradient comes back in the same layout.
+    `segment`: windows of `segment` steps from the start, each convolved on its own (taps never reach back across a
+    window start).
     """
     K, length = weight.shape[-1], u.shape[1]
     padded = F.pad(u, (0, 0, K - 1, 0))  # (b, K - 1 + L, c)
     w = weight[:, 0, :]  # (c, K); tap K - 1 multiplies the current input
     out = padded[:, K - 1 :] * w[:, K - 1] if bias is None else torch.addcmul(bias, padded[:, K - 1 :], w[:, K - 1])
+    position = None if segment is None else torch.arange(length, device=u.device)[:, None] % segment  # (L, 1)
     for k in range(K - 1):
-        out = torch.addcmul(out, padded[:, k : k + length], w[:, k])
+        taps = padded[:, k : k + length]
+        if position is not None:  # tap k reaches K - 1 - k steps back
+            taps = taps * (position >= K - 1 - k).to(taps.dtype)
+        out = torch.addcmul(out, taps, w[:, k])
     return out
 
 
@@ -156,8 +162,8 @@ class Mamba(nn.Module):
         """SiLU(causal depthwise conv) over the time axis of u (batch, L, d_inner) -> (batch, L, d_inner).
 
         `cuda`: causal_conv1d_fn when installed, else nn.Conv1d, on a contiguous (batch, d_inner, L) copy, the layout
-        of the GPU kernels; `cpp`: the fused CPU kernel (which alone takes `segment`, see `forward`); `ref` /
-        `fast`: `causal_depthwise_conv` in the batch-first layout, with no copy.
+        of the GPU kernels; `cpp`: the fused CPU kernel; `ref` / `fast` / `triton`: `causal_depthwise_conv` in the
+        batch-first layout, with no copy. `segment` (cpp and triton, see `forward`): windows convolved on their own.
         """
         if backend == "cuda":
             x = u.transpose(1, 2).contiguous()
@@ -169,7 +175,7 @@ class Mamba(nn.Module):
             return out.transpose(1, 2)
         if backend == "cpp":
             return causal_conv_silu_cpp(u, self.conv1d.weight, self.conv1d.bias, segment)
-        return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias))
+        return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, segment))
 
     def _ssm_inputs(self, x: Tensor, backend: str, segment: int | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -191,14 +197,14 @@ class Mamba(nn.Module):
         """x (batch, L, d_model) -> (batch, L, d_model).
 
         `segment`: cut the sequence into windows of `segment` tokens from its start and run each as its own
-        sequence (conv and state start from zero at every window start; the GLoMa local branch). The `cpp`
-        kernels restart in place; the other backends run the windows folded into the batch (the last one
+        sequence (conv and state start from zero at every window start; the GLoMa local branch). The `cpp` and
+        `triton` kernels restart in place; the other backends run the windows folded into the batch (the last one
         right-padded, which, being causal, changes no real token).
         """
         if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
             raise ValueError(f"Mamba: segment must be a positive number of tokens or None, got {segment!r}")
         backend = self.backend_in_use
-        if segment is not None and backend != "cpp":
+        if segment is not None and backend not in SEGMENTED:
             b, length, d = x.shape
             return self.forward(fold_windows(x, segment)).reshape(b, -1, d)[:, :length]
         u, z, delta, B, C = self._ssm_inputs(x, backend, segment)

@@ -152,12 +152,48 @@ def scan_rows(
     or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
     step. All in one floating dtype (float32 or float64). Without autograd (acting) the kernel is called directly.
     """
+    check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk)
     keep = None if keep is None else keep.to(u.dtype)[..., None]
     args = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0)):
         return _CppScan.apply(*args, h0, keep, delta_softplus, chunk)
     out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, chunk, False)
     return out, last
+
+
+def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+               delta_bias: Tensor | None, h0: Tensor | None, keep: Tensor | None, chunk: int) -> None:
+    """The kernel's own argument checks, made here first as ValueErrors naming the argument.
+
+    The kernel checks again, but a C++ exception is not a safe way to report bad input: on one machine (g++ 13.3,
+    torch 2.11) the first exception the extension threw crashed the process (SIGSEGV) instead of raising.
+    """
+    def fail(message: str) -> None:
+        raise ValueError(f"selective_scan_cpu: {message}")
+
+    if u.device.type != "cpu":
+        fail(f"tensors must be on the CPU, got {u.device}")
+    if u.dim() != 3:
+        fail(f"u must be (rows, L, d_inner), got {tuple(u.shape)}")
+    rows, length, d_inner = u.shape
+    if A.dim() != 3 or A.shape[1] != d_inner or A.shape[0] == 0 or rows % A.shape[0]:
+        fail(f"A must be (groups dividing rows, d_inner, d_state), got {tuple(A.shape)}")
+    groups, d_state = A.shape[0], A.shape[2]
+    shapes = {"delta": (delta, (rows, length, d_inner)), "B": (B, (rows, length, d_state)),
+              "C": (C, (rows, length, d_state)), "z": (z, (rows, length, d_inner)),
+              "h0": (h0, (rows, d_inner, d_state)), "keep": (keep, (rows, length))}
+    for name, (t, shape) in shapes.items():
+        if t is not None and tuple(t.shape) != shape:
+            fail(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) not in ((d_inner,), (groups, d_inner)):
+            fail(f"{name} must have shape ({d_inner}) or ({groups}, {d_inner}), got {tuple(t.shape)}")
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias),
+                    ("h0", h0)):
+        if t is not None and t.dtype != u.dtype:
+            fail(f"{name} has dtype {t.dtype}, expected {u.dtype}")
+    if chunk <= 0:
+        fail(f"chunk must be positive, got {chunk}")
 
 
 def selective_scan_cpp(
@@ -179,6 +215,8 @@ def selective_scan_cpp(
     restart interval in steps."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
     keep = _segment_keep(u.shape[0], u.shape[-1], segment, dtype)
+    if chunk <= 0:
+        raise ValueError(f"selective_scan_cpu: chunk must be positive, got {chunk}")
     out, last = _CppScan.apply(
         batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
         batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
@@ -213,6 +251,12 @@ def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None, segment
     With `segment`, the time axis is cut into windows of `segment` steps from its start and each window is
     convolved as its own sequence (zeros before its first step).
     """
+    if x.device.type != "cpu" or x.dim() != 3:
+        raise ValueError(f"causal_conv_silu_cpu: x must be a CPU tensor (rows, L, channels), got {tuple(x.shape)} "
+                         f"on {x.device}")
+    if weight.dim() != 3 or weight.shape[:2] != (x.shape[2], 1) or (bias is not None and bias.shape != (x.shape[2],)):
+        raise ValueError(f"causal_conv_silu_cpu: weight must be ({x.shape[2]}, 1, K) and bias ({x.shape[2]},), got "
+                         f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
     dtype = compute_dtype(x)
     bias = None if bias is None else bias.to(dtype)
     return _CppConv.apply(x.to(dtype), weight.to(dtype), bias, _segment_steps(segment)).to(x.dtype)

@@ -1,0 +1,144 @@
+"""The `triton` backend: a selective scan written in Triton for the short rows of decision making.
+
+mamba_ssm's CUDA kernel gives every (row, channel) pair a thread block that walks the row's tokens in chunks of
+128 or more; a trajectory context is 3K = 90 tokens, and the GLoMa local branch, folded into rows of 3w = 15 tokens,
+leaves most of those threads idle (tokens/s measured flat in the batch size, benchmarks/RESULTS.md). Here one program
+owns a row and a block of channels and walks the row's tokens with the (channels x d_state) state in registers, so
+short rows cost what their tokens cost. It reads the batch-first layout the projections produce, restarts the state
+every `segment` tokens in place (the local branch needs no folding), and fuses softplus(delta + bias), the D skip
+and the silu(z) gate.
+
+Backward: the forward keeps the state at every chunk start (CHUNK tokens); the backward walks the chunks from the
+last, recomputes each chunk's states into a per-program scratch buffer, then runs the adjoint recurrence backwards
+through it. Per-channel parameter gradients (A, D, dt bias) are summed per program and then over rows; the B and C
+gradients, sums over channels, are written per channel block and summed after: no atomics, deterministic.
+
+Same conventions as scan_ref.py (the ground truth it is tested against). On a machine without a GPU the kernels run
+in Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imported (the tests do).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+CHUNK = 16  # tokens between saved states
+
+
+@lru_cache(maxsize=1)
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_missing(device: torch.device | str) -> str | None:
+    """None when the triton backend can run on `device`, else the reason it cannot."""
+    missing = _import_error()
+    if missing is not None:
+        return missing
+    if torch.device(device).type == "cuda" or interpreted():
+        return None
+    return "the triton kernels need CUDA tensors (or TRITON_INTERPRET=1, the slow interpreter used by the tests)"
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """(triton, forward kernel, backward kernel), imported on first use."""
+    import triton
+
+    from mambadm.ssm.triton_kernels import scan_bwd, scan_fwd
+
+    return triton, scan_fwd, scan_bwd
+
+
+def _unit_inner(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _block(Dn: int) -> int:
+    return 32 if Dn <= 256 else 64
+
+
+class _TritonScan(torch.autograd.Function):
+    """Rows in the batch-first layout: u, delta, z (R, L, D); B, C (R, L, N); A (D, N); D, delta_bias (D,)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, segment):
+        triton, scan_fwd, _ = _kernels()
+        R, L, Dn = u.shape
+        N = A.shape[1]
+        n_chunks = triton.cdiv(L, CHUNK)
+        needs_grad = any(ctx.needs_input_grad)
+        out = torch.empty(R, L, Dn, device=u.device, dtype=u.dtype)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        ckpt = torch.empty(R, n_chunks, Dn, N, **f32) if needs_grad else out
+        last = torch.empty(R, Dn, N, **f32) if return_last else torch.empty(0, **f32)
+        BD = _block(Dn)
+        A = A.float().contiguous()
+        scan_fwd[(R, triton.cdiv(Dn, BD))](
+            u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
+            else A, out, ckpt, last, L, Dn, N, segment, n_chunks, *_strides(u), *_strides(delta), *_strides(z),
+            *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus, SAVE_CKPT=needs_grad, SAVE_LAST=return_last, NP=triton.next_power_of_2(N), BD=BD,
+            CHUNK=CHUNK)
+        if needs_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+            ctx.flags = (softplus, segment)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, g_out, g_last):
+        triton, _, scan_bwd = _kernels()
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        softplus, segment = ctx.flags
+        g_last = g_last if g_last is not None and g_last.numel() else None
+        R, L, Dn = u.shape
+        N = A.shape[1]
+        BD, NP = _block(Dn), triton.next_power_of_2(N)
+        n_chunks, n_dblocks = ckpt.shape[1], triton.cdiv(Dn, BD)
+        g_out = g_out.contiguous()
+        f32 = dict(device=u.device, dtype=torch.float32)
+        du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty(R, L, Dn, **f32)
+        dz = torch.empty(R, L, Dn, device=u.device, dtype=z.dtype) if z is not None else du
+        dB_part, dC_part = torch.empty(R, L, n_dblocks, N, **f32), torch.empty(R, L, n_dblocks, N, **f32)
+        dA_rows, dD_rows, dbias_rows = torch.empty(R, Dn, N, **f32), torch.empty(R, Dn, **f32), torch.empty(R, Dn, **f32)
+        scratch = torch.empty(R * n_dblocks * CHUNK * BD * NP, **f32)
+        scan_bwd[(R, n_dblocks)](
+            u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
+            else A, ckpt, g_out, g_last.contiguous() if g_last is not None else ckpt, du, ddelta, dz, dB_part, dC_part,
+            dA_rows, dD_rows, dbias_rows, scratch, L, Dn, N, segment, n_chunks, n_dblocks, *_strides(u),
+            *_strides(delta), *_strides(z), *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GLAST=g_last is not None, NP=NP, BD=BD,
+            CHUNK=CHUNK)
+        dA = dA_rows.sum(0)
+        return (du, ddelta.to(delta.dtype), dA, dB_part.sum(2).to(B.dtype), dC_part.sum(2).to(C.dtype),
+                dD_rows.sum(0) if D is not None else None, dz if z is not None else None,
+                dbias_rows.sum(0) if delta_bias is not None else None, None, None, None)
+
+
+def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                          z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                          return_last_state: bool = False, segment: int | None = None
+                          ) -> Tensor | tuple[Tensor, Tensor]:
+    """selective_scan_fn's conventions (u, delta, z (b, d, L); B, C (b, n, L)); `segment`: restart the state every
+    `segment` steps from the start. Views of batch-first tensors (what the mixer passes) are read without a copy."""
+    length = u.shape[-1]
+    rows = [_unit_inner(t.transpose(1, 2)) if t is not None else None for t in (u, delta, B, C, z)]
+    out, last = _TritonScan.apply(rows[0], rows[1], A, rows[2], rows[3], D, rows[4], delta_bias, delta_softplus,
+                                  return_last_state, segment or length + 1)
+    out = out.transpose(1, 2)
+    return (out, last) if return_last_state else out

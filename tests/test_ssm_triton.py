@@ -1,0 +1,98 @@
+"""The `triton` backend against the reference scan: compiled on a GPU, in Triton's interpreter on a CPU."""
+import pytest
+import torch
+
+from mambadm.ssm import Mamba
+from mambadm.ssm.backends import BackendUnavailableError, resolve_backend, selective_scan
+from mambadm.ssm.scan_ref import selective_scan_ref
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, conftest.py selects Triton's interpreter
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(batch, d_inner, d_state, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
+
+    A = (-torch.rand(d_inner, d_state, generator=g) * 4 - 0.1).to(DEVICE).requires_grad_()
+    return dict(u=rand(batch, d_inner, length), delta=rand(batch, d_inner, length, scale=0.5), A=A,
+                B=rand(batch, d_state, length), C=rand(batch, d_state, length), D=rand(d_inner),
+                z=rand(batch, d_inner, length), delta_bias=rand(d_inner, scale=0.5))
+
+
+def windows_ref(x: dict, segment: int | None, **kw) -> torch.Tensor:
+    """The reference scan over each window of `segment` steps on its own (the whole row when None)."""
+    length = x["u"].shape[-1]
+    segment = segment or length
+    outs = []
+    for s in range(0, length, segment):
+        w = slice(s, min(length, s + segment))
+        outs.append(selective_scan_ref(x["u"][..., w], x["delta"][..., w], x["A"], x["B"][..., w], x["C"][..., w],
+                                       kw.get("D"), None if kw.get("z") is None else kw["z"][..., w],
+                                       kw.get("delta_bias"), kw.get("delta_softplus", False)))
+    return torch.cat(outs, -1)
+
+
+@pytest.mark.parametrize("d_state, length, segment, optional", [
+    (16, 37, None, True),  # more than two saved-state chunks, everything fused
+    (16, 37, 6, True),  # restarts inside and across chunks
+    (5, 20, None, False),  # d_state not a power of two; no D, z, bias or softplus
+    (16, 33, 15, False),
+])
+def test_outputs_and_gradients_match_ref(d_state, length, segment, optional):
+    x = inputs(2, 40, d_state, length)  # 40 channels: a partial channel block
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True) if optional else {}
+    out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton", segment=segment, **kw)
+    ref = windows_ref(x, segment, **kw)
+    assert rel(out, ref) < 1e-5
+    leaves = [x[k] for k in ("u", "delta", "A", "B", "C")] + ([x[k] for k in ("D", "z", "delta_bias")] if optional
+                                                               else [])
+    grad = torch.randn_like(out)
+    for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+                          torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        assert rel(a, b) < 1e-4, name
+
+
+def test_last_state_and_its_gradient():
+    x = inputs(2, 8, 16, 21, seed=1)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    out, last = selective_scan(*args, backend="triton", return_last_state=True)
+    out_r, last_r = selective_scan_ref(*args, return_last_state=True)
+    assert rel(out, out_r) < 1e-5 and rel(last, last_r) < 1e-5
+    g_out, g_last = torch.randn_like(out), torch.randn_like(last)
+    mine = torch.autograd.grad((out * g_out).sum() + (last * g_last).sum(), args)
+    theirs = torch.autograd.grad((out_r * g_out).sum() + (last_r * g_last).sum(), args)
+    for a, b in zip(mine, theirs):
+        assert rel(a, b) < 1e-4
+
+
+def test_mixer_local_windows_in_place_match_folded_ref():
+    """Mamba(segment=...) on triton restarts conv and state in place; ref folds the windows into the batch."""
+    torch.manual_seed(0)
+    ref = Mamba(24, backend="ref").to(DEVICE)
+    tri = Mamba(24, backend="triton").to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 29, 24, device=DEVICE)
+    for segment in (None, 6):
+        xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yt = ref(xr, segment=segment), tri(xt, segment=segment)
+        grad = torch.randn_like(yr)
+        yr.backward(grad)
+        yt.backward(grad)
+        assert rel(yt, yr) < 1e-5 and rel(xt.grad, xr.grad) < 1e-4
+        for (name, p), q in zip(tri.named_parameters(), ref.parameters()):
+            assert rel(p.grad, q.grad) < 1e-4, name
+        ref.zero_grad()
+        tri.zero_grad()
+
+
+def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="backend='triton' requested but the triton kernels need CUDA"):
+        resolve_backend("triton", "cpu")
