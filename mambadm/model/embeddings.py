@@ -73,11 +73,17 @@ class TokenEmbedding(nn.Module):
             dt_init(self)
             nn.init.zeros_(self.timestep.weight)
 
+    # Frames go to the CNN channels-last on a GPU: cuDNN's bf16 convolutions run NHWC, and NCHW input made it
+    # convert every activation first (17% of a DT training step's GPU time on an H200, benchmarks/RESULTS.md).
+    channels_last_on_cuda = True
+
     def embed_states(self, states: Tensor) -> Tensor:
         """(B, K, *obs_shape) -> (B, K, d); uint8 frames are scaled to [0, 1]."""
         lead = states.shape[:2]
         x = states.reshape(-1, *states.shape[2:])
         x = x.float() / 255.0 if self.spec.obs_kind == "atari" else x.float()
+        if x.is_cuda and x.dim() == 4 and self.channels_last_on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.state(x).reshape(*lead, -1)
 
     def parts(self, rtg: Tensor, states: Tensor, actions: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
