@@ -95,6 +95,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint dir>
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
+    compile: bool = False  # torch.compile the model in place (module.compile(); checkpoints keep their keys)
     tensorboard: bool = True
     progress: bool = True
 

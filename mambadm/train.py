@@ -139,6 +139,9 @@ def train(cfg: Any, accelerator: Any) -> TrainerState:
         from mambadm.ssm import Mamba
         if any(isinstance(m, Mamba) for m in model.modules()):
             set_z3_leaf_modules(model, [Mamba])
+    if cfg.train.compile:  # in place: the state dict keeps its keys, so checkpoints and exports are unchanged
+        model.compile()
+        accelerator.print("train.compile: the model is compiled with torch.compile (first steps are slow)")
     objective = Objective(model)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.steps)

@@ -53,3 +53,22 @@ def test_kill_and_resume_matches_an_uninterrupted_run(hopper, tmp_path):
     assert not list((killed / "checkpoints").glob("tmp-*"))
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert "step-00000040" in kept and len(kept) <= 2  # keep_last=1 plus the best
+
+
+def test_compiled_training_matches_eager(hopper, tmp_path):
+    """train.compile=true compiles the model in place: same losses as eager (to compiler rounding), loadable export."""
+    from mambadm.export import load_export
+
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = tmp_path / f"compile-{compiled}"
+        result = run_train(train_cmd(hopper, runs[compiled], "train.steps=10", "train.val_every=10",
+                                     "train.ckpt_every=10", "model.dropout=0.0", f"train.compile={str(compiled).lower()}"),
+                           timeout=600)
+        assert ("the model is compiled with torch.compile" in result.stdout) == compiled
+    losses = {c: [r["loss"] for r in metrics(run) if r.get("loss") is not None] for c, run in runs.items()}
+    assert len(losses[True]) == len(losses[False]) >= 2
+    for eager, compiled in zip(losses[False], losses[True]):
+        assert abs(eager - compiled) <= 1e-3 * max(1.0, abs(eager)), (losses[False], losses[True])
+    model, *_ = load_export(runs[True] / "export")
+    assert not any(key.startswith("_orig_mod") for key in model.state_dict())
