@@ -18,6 +18,7 @@ in Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imp
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -36,8 +37,6 @@ def _import_error() -> str | None:
 
 
 def interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -135,7 +134,10 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           return_last_state: bool = False, segment: int | None = None
                           ) -> Tensor | tuple[Tensor, Tensor]:
     """selective_scan_fn's conventions (u, delta, z (b, d, L); B, C (b, n, L)); `segment`: restart the state every
-    `segment` steps from the start. Views of batch-first tensors (what the mixer passes) are read without a copy."""
+    `segment` steps from the start. Views of batch-first tensors (what the mixer passes) are read without a copy.
+    Computes in float32 whatever the input dtype; returns u's dtype."""
+    if segment is not None and (isinstance(segment, bool) or int(segment) < 1):
+        raise ValueError(f"selective_scan_triton: segment must be a positive number of steps or None, got {segment}")
     length = u.shape[-1]
     rows = [_unit_inner(t.transpose(1, 2)) if t is not None else None for t in (u, delta, B, C, z)]
     out, last = _TritonScan.apply(rows[0], rows[1], A, rows[2], rows[3], D, rows[4], delta_bias, delta_softplus,

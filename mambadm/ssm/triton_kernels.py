@@ -10,6 +10,7 @@ import triton.language as tl
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
+
 @triton.jit
 def scan_fwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, out_ptr, ckpt_ptr, last_ptr,
              L, Dn, N, segment, n_chunks, su_r, su_t, sd_r, sd_t, sz_r, sz_t, sb_r, sb_t, sc_r, sc_t,
@@ -45,6 +46,7 @@ def scan_fwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, out_ptr
         tl.store(out_ptr + (r * L + t) * Dn + d, y, mask=dm)
     if SAVE_LAST:
         tl.store(last_ptr + (r * Dn + d[:, None]) * N + n[None, :], h, mask=dn_mask)
+
 
 @triton.jit
 def scan_bwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, ckpt_ptr, g_ptr, glast_ptr,
