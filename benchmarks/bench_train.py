@@ -1,14 +1,15 @@
 """Training throughput on CPU: MambaDM vs the Decision Transformer at matched parameter counts, and the cost of
 streaming real shards vs reusing one in-memory batch.
 
-    python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120]
+    python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120] [--compile]
 
 Table 1: samples/s and tokens/s of full training steps (forward, loss, backward, AdamW step) on in-memory batches of
 vector (Hopper-shaped) data, the median of --steps steps of each model taken alternately (so both see the same load
 on a shared machine), the DT's width chosen so its parameter count is closest to MambaDM's; both models built by
 ``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
-memory. Every number is measured in this run, side by side.
+memory. --compile: both models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up
+steps pay the compilation). Every number is measured in this run, side by side.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="*", default=[8, 30, 120], help="none: only table 2")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--compile", action="store_true", help="compile both models (train.compile=true) in table 1")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (on a shared box, threads beyond the free cores make every op wait)")
     args = p.parse_args()
@@ -112,7 +114,8 @@ def main() -> None:
         shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
         index = D.read_index(shards)
         spec = spec_from_dict(index["env_spec"])
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}"
+              f"{'; both models compiled' if args.compile else ''}")
         if args.contexts:
             print("\n| K | MambaDM params | DT params (d_model) | MambaDM samples/s | DT samples/s | MambaDM tokens/s "
               "| DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|")
@@ -124,6 +127,9 @@ def main() -> None:
             mamba = build_model(cfg.model, spec)
             d_dt = matched_dt_width(mamba.num_params(), base, spec)
             dt = build_model(load_config(None, [*base, "model.family=dt", f"model.d_model={d_dt}"]).model, spec)
+            if args.compile:
+                mamba.compile()
+                dt.compile()
             times = interleaved_step_times({"mambadm": mamba, "dt": dt}, batch, args.steps)
             rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
             tok = 3 * k
