@@ -72,6 +72,24 @@ def test_last_state_and_its_gradient():
         assert rel(a, b) < 1e-4
 
 
+def test_bfloat16_inputs_as_under_autocast():
+    """bf16 activations with float32 A, D, bias (the mixer under autocast): float32 inside, dtypes kept outside."""
+    x = inputs(2, 40, 16, 21, seed=2)
+    low = {k: x[k].detach().to(torch.bfloat16).requires_grad_() for k in ("u", "delta", "B", "C", "z")}
+    params = {k: x[k] for k in ("A", "D", "delta_bias")}
+    out = selective_scan(low["u"], low["delta"], params["A"], low["B"], low["C"], params["D"], low["z"],
+                         params["delta_bias"], delta_softplus=True, backend="triton", segment=6)
+    ref = windows_ref({**{k: v.float() for k, v in low.items()}, "A": params["A"]}, 6, D=params["D"],
+                      z=low["z"].float(), delta_bias=params["delta_bias"], delta_softplus=True)
+    assert out.dtype == torch.bfloat16 and rel(out.float(), ref) < 1e-2
+    leaves = [*low.values(), *params.values()]
+    grad = torch.randn_like(ref)
+    mine = torch.autograd.grad(out, leaves, grad.to(torch.bfloat16))
+    theirs = torch.autograd.grad(ref, leaves, grad)
+    for leaf, a, b in zip(leaves, mine, theirs):
+        assert a.dtype == leaf.dtype and rel(a.float(), b.float()) < 2e-2
+
+
 def test_mixer_local_windows_in_place_match_folded_ref():
     """Mamba(segment=...) on triton restarts conv and state in place; ref folds the windows into the batch."""
     torch.manual_seed(0)

@@ -87,7 +87,10 @@ class _TritonScan(torch.autograd.Function):
         ckpt = torch.empty(R, n_chunks, Dn, N, **f32) if needs_grad else out
         last = torch.empty(R, Dn, N, **f32) if return_last else torch.empty(0, **f32)
         BD = _block(Dn)
+        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (A, D, delta_bias))
         A = A.float().contiguous()
+        D = None if D is None else D.contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()
         scan_fwd[(R, triton.cdiv(Dn, BD))](
             u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
             else A, out, ckpt, last, L, Dn, N, segment, n_chunks, *_strides(u), *_strides(delta), *_strides(z),
@@ -123,10 +126,11 @@ class _TritonScan(torch.autograd.Function):
             *_strides(delta), *_strides(z), *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GLAST=g_last is not None, NP=NP, BD=BD,
             CHUNK=CHUNK)
-        dA = dA_rows.sum(0)
-        return (du, ddelta.to(delta.dtype), dA, dB_part.sum(2).to(B.dtype), dC_part.sum(2).to(C.dtype),
-                dD_rows.sum(0) if D is not None else None, dz if z is not None else None,
-                dbias_rows.sum(0) if delta_bias is not None else None, None, None, None)
+        A_dtype, D_dtype, bias_dtype = ctx.param_dtypes
+        return (du, ddelta.to(delta.dtype), dA_rows.sum(0).to(A_dtype), dB_part.sum(2).to(B.dtype),
+                dC_part.sum(2).to(C.dtype), dD_rows.sum(0).to(D_dtype) if D is not None else None,
+                dz if z is not None else None, dbias_rows.sum(0).to(bias_dtype) if delta_bias is not None else None,
+                None, None, None)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
