@@ -184,10 +184,12 @@ class WindowMaker:
                 yield self.window(chunk, int(start))
 
     def collate(self, windows: list[dict]) -> dict[str, torch.Tensor]:
-        """Stacks windows into a batch; Atari frames become (B, K, frame_stack, 84, 84) here, at load time."""
+        """Stacks windows into a batch. Atari frames stay unstacked, "frames" (B, K + frame_stack - 1, 84, 84): the
+        model stacks them as a view where it runs (`mambadm.model.base.batch_states`), so workers neither write nor
+        ship the frame_stack-times larger stacks (most of a worker's time when they did, benchmarks/RESULTS.md)."""
         batch = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in windows[0]}
-        if self.atari:  # (B, K+fs-1, H, W) -> (B, K, fs, H, W), frame j of step t is frame t+j of the run
-            batch["states"] = batch["states"].unfold(1, self.frame_stack, 1).permute(0, 1, 4, 2, 3).contiguous()
+        if self.atari:
+            batch["frames"] = batch.pop("states")
         return batch
 
 

@@ -11,6 +11,7 @@ import webdataset as wds
 from mambadm import data as D
 from mambadm.checkpoint import resolve_resume
 from mambadm.config import load_config
+from mambadm.model.base import batch_states
 from tests.real_shards import real_shards
 
 
@@ -84,11 +85,13 @@ def test_atari_frames_stacked_at_load_time_with_zeros_before_the_start(breakout)
     assert chunk["meta"]["begin"] == 0
     maker = D.WindowMaker(index, cfg_for(breakout, "data.context_len=8"))
     batch = maker.collate([maker.window(chunk, 0), maker.window(chunk, 5)])
-    assert batch["states"].shape == (2, 8, 4, 84, 84) and batch["states"].dtype == torch.uint8
+    assert "states" not in batch and batch["frames"].shape == (2, 11, 84, 84)  # shipped unstacked: K + 3 frames
+    states = batch_states(batch, 4)  # what the model reads
+    assert states.shape == (2, 8, 4, 84, 84) and states.dtype == torch.uint8
     obs = torch.from_numpy(chunk["obs"])
-    assert (batch["states"][0, 0, :3] == 0).all() and torch.equal(batch["states"][0, 0, 3], obs[0])
+    assert (states[0, 0, :3] == 0).all() and torch.equal(states[0, 0, 3], obs[0])
     for t in range(8):  # step t of the window starting at 5 stacks frames t+2 .. t+5
-        assert torch.equal(batch["states"][1, t], obs[5 + t - 3:5 + t + 1])
+        assert torch.equal(states[1, t], obs[5 + t - 3:5 + t + 1])
     assert batch["actions"].dtype == torch.int64 and batch["mask"].all()
 
 

@@ -158,6 +158,24 @@ def test_bad_batch_names_the_key():
         model(batch)
 
 
+@pytest.mark.parametrize("family", ["mambadm", "dt"])
+def test_unstacked_atari_frames_read_as_their_stacks(family, seed):
+    """A loader batch ships a strip of K + 3 frames ("frames"); the model reads it as the K stacks of 4."""
+    model = tiny(family, ATARI)
+    batch = random_batch(ATARI, B=2, K=5)
+    frames = torch.randint(0, 256, (2, 8, 84, 84), dtype=torch.uint8)
+    stacked = {**batch, "states": torch.stack([frames[:, t:t + 4] for t in range(5)], dim=1)}
+    unstacked = {k: v for k, v in batch.items() if k != "states"} | {"frames": frames}
+    with torch.no_grad():
+        torch.testing.assert_close(model(unstacked), model(stacked), rtol=0, atol=0)
+    if family == "mambadm":
+        for a, b in zip(model.a_matrices(unstacked), model.a_matrices(stacked)):
+            torch.testing.assert_close(a["A_discrete"], b["A_discrete"], rtol=0, atol=0)
+    unstacked["frames"] = frames[:, :7]
+    with pytest.raises(ValueError, match=r"batch\['frames'\] must have shape \(2, 8, 84, 84\)"):
+        model(unstacked)
+
+
 def test_a_matrices_per_layer_and_branch(seed):
     model = tiny("mambadm", MUJOCO)
     batch = random_batch(MUJOCO, B=2, K=5)

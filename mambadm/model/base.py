@@ -16,7 +16,19 @@ from torch import Tensor
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model.embeddings import ActionHead, TokenEmbedding, atari_encoder_flops
 
-BATCH_KEYS = ("rtg", "states", "actions", "timesteps")
+BATCH_KEYS = ("rtg", "states", "actions", "timesteps")  # "frames" may stand in for "states", see batch_states
+
+
+def batch_states(batch: dict[str, Tensor], frame_stack: int) -> Tensor:
+    """The states (B, K, *obs_shape) of a batch: batch["states"], or the frame stacks of an Atari loader batch.
+
+    The loader ships Atari frames unstacked, batch["frames"] (B, K + frame_stack - 1, H, W) uint8, 1/frame_stack of
+    the bytes of the stacks; here they become (B, K, frame_stack, H, W) as a view, on whatever device they are:
+    stack t holds frames t .. t + frame_stack - 1 of the strip.
+    """
+    if "states" in batch or "frames" not in batch:
+        return batch["states"]
+    return batch["frames"].unfold(1, frame_stack, 1).permute(0, 1, 4, 2, 3)
 
 
 @dataclass
@@ -46,7 +58,8 @@ class DecisionModel(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Action predictions (B, K, act_dim) read at each step's state token."""
         self.check_batch(batch)
-        tokens = self.embed(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])  # (B, 3K, d)
+        states = batch_states(batch, self.spec.obs_shape[0])
+        tokens = self.embed(batch["rtg"], states, batch["actions"], batch["timesteps"])  # (B, 3K, d)
         return self.head(self.backbone(tokens)[:, 1::3])
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -64,14 +77,19 @@ class DecisionModel(nn.Module):
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         """Raises ValueError naming the key and the expected vs the actual shape."""
-        missing = [k for k in BATCH_KEYS if k not in batch]
+        missing = [k for k in BATCH_KEYS if k not in batch and not (k == "states" and "frames" in batch)]
         if missing:
             raise ValueError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} (+ 'mask' for loss)")
         B, K = batch["rtg"].shape[:2] if batch["rtg"].dim() == 2 else (None, None)
         if B is None:
             raise ValueError(f"batch['rtg'] must be (B, K), got {tuple(batch['rtg'].shape)}")
         act = (B, K) if self.spec.discrete else (B, K, self.spec.act_dim)
-        expected = {"states": (B, K, *self.spec.obs_shape), "actions": act, "timesteps": (B, K)}
+        expected = {"actions": act, "timesteps": (B, K)}
+        if "states" in batch:
+            expected["states"] = (B, K, *self.spec.obs_shape)
+        else:  # unstacked Atari frames, see batch_states
+            fs, *frame = self.spec.obs_shape
+            expected["frames"] = (B, K + fs - 1, *frame)
         if "mask" in batch:
             expected["mask"] = (B, K)
         for key, shape in expected.items():

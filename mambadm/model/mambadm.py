@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mambadm.config import EnvSpec, ModelConfig
-from mambadm.model.base import DecisionModel
+from mambadm.model.base import DecisionModel, batch_states
 from mambadm.model.gloma import GLoMaBlock, SegmentMasks
 from mambadm.model.recurrent import PairCache, PairWeights, allocate_pair_cache, layer_step
 
@@ -73,7 +73,8 @@ class MambaDM(DecisionModel):
         """Per layer and branch ("global" | "local"): the continuous A (d_inner, d_state) and, given a batch, the
         discretised exp(delta * A) (B, L, d_inner, d_state) at the inputs that branch sees (local: per window)."""
         out = []
-        x = self.embed(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"]) if batch else None
+        x = self.embed(batch["rtg"], batch_states(batch, self.spec.obs_shape[0]), batch["actions"],
+                       batch["timesteps"]) if batch else None
         for i, layer in enumerate(self.layers):
             h = layer.norm1(x) if x is not None else None
             for branch, m in (("global", layer.global_mamba), ("local", layer.local_mamba)):
