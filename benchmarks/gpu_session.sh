@@ -10,7 +10,7 @@
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
 # Writes env.txt, parity_pure.txt, dt.txt, train_fast.log, build.log, tests.txt, mambadm_profile.txt, mambadm.txt,
-# mambadm_torch_conv.txt, mixer.txt,
+# mambadm_torch_conv.txt, triton_launch.txt, mixer.txt,
 # bench_gpu*.json, train_cuda.log, and kernels.tar (the built extensions, to reuse on the same image).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [KERNEL_SRC_DIR] [WHEEL_DIR] [SHARDS_DIR] [BUILD_DEADLINE_S]}
@@ -101,6 +101,7 @@ if [ "${without_conv:-$PYTHONPATH}" != "$PYTHONPATH" ]; then  # causal-conv1d bu
     PYTHONPATH=$without_conv timeout 60 python3 benchmarks/bench_gpu.py --parts mfu --families mambadm \
         --mfu-batches 128 256 --compile-batches > "$out/mambadm_torch_conv.txt" 2>&1
 fi
+timeout 150 python3 benchmarks/bench_triton_scan.py > "$out/triton_launch.txt" 2>&1  # the triton scan's launch shape
 timeout 60 python3 benchmarks/bench_gpu.py --parts mixer --json "$out/bench_gpu_mixer.json" > "$out/mixer.txt" 2>&1
 
 # 5. the same real training run on the cuda backend, when it exists.

@@ -25,6 +25,9 @@ import torch
 from torch import Tensor
 
 CHUNK = 16  # tokens between saved states
+# Launch shape: channels per program (a power of two) and warps per program; None = the defaults in _block and
+# _warps. benchmarks/bench_triton_scan.py sweeps them on a GPU.
+LAUNCH: dict[str, int | None] = {"block_channels": None, "num_warps": None}
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +72,11 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
 
 
 def _block(Dn: int) -> int:
-    return 32 if Dn <= 256 else 64
+    return LAUNCH["block_channels"] or (32 if Dn <= 256 else 64)
+
+
+def _warps() -> int:
+    return LAUNCH["num_warps"] or 4
 
 
 class _TritonScan(torch.autograd.Function):
@@ -96,7 +103,7 @@ class _TritonScan(torch.autograd.Function):
             else A, out, ckpt, last, L, Dn, N, segment, n_chunks, *_strides(u), *_strides(delta), *_strides(z),
             *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=softplus, SAVE_CKPT=needs_grad, SAVE_LAST=return_last, NP=triton.next_power_of_2(N), BD=BD,
-            CHUNK=CHUNK)
+            CHUNK=CHUNK, num_warps=_warps())
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
             ctx.flags = (softplus, segment)
@@ -125,7 +132,7 @@ class _TritonScan(torch.autograd.Function):
             dA_rows, dD_rows, dbias_rows, scratch, L, Dn, N, segment, n_chunks, n_dblocks, *_strides(u),
             *_strides(delta), *_strides(z), *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GLAST=g_last is not None, NP=NP, BD=BD,
-            CHUNK=CHUNK)
+            CHUNK=CHUNK, num_warps=_warps())
         A_dtype, D_dtype, bias_dtype = ctx.param_dtypes
         return (du, ddelta.to(delta.dtype), dA_rows.sum(0).to(A_dtype), dB_part.sum(2).to(B.dtype),
                 dC_part.sum(2).to(C.dtype), dD_rows.sum(0).to(D_dtype) if D is not None else None,
