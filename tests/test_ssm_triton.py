@@ -114,3 +114,12 @@ def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="backend='triton' requested but the triton kernels need CUDA"):
         resolve_backend("triton", "cpu")
+
+
+def test_a_failing_launch_says_how_to_run_without_triton(monkeypatch):
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setitem(scan_triton.LAUNCH, "block_channels", 24)  # not a power of two: the compiler refuses it
+    x = inputs(1, 8, 4, 5)
+    with pytest.raises(RuntimeError, match="triton selective scan failed on this device .*model.backend=cuda"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton")

@@ -79,6 +79,18 @@ def _warps() -> int:
     return LAUNCH["num_warps"] or 4
 
 
+def _explained(kernel):
+    """The kernel launch, with a failure (e.g. a GPU or driver the Triton compiler does not support) re-raised
+    saying how to run without it."""
+    def launch(*args, **kwargs):
+        try:
+            return kernel(*args, **kwargs)
+        except Exception as exc:
+            raise RuntimeError(f"the triton selective scan failed on this device ({type(exc).__name__}: {exc}); "
+                               "model.backend=cuda (mamba_ssm) or fast (pure PyTorch) run without it") from exc
+    return launch
+
+
 class _TritonScan(torch.autograd.Function):
     """Rows in the batch-first layout: u, delta, z (R, L, D); B, C (R, L, N); A (D, N); D, delta_bias (D,)."""
 
@@ -98,7 +110,8 @@ class _TritonScan(torch.autograd.Function):
         A = A.float().contiguous()
         D = None if D is None else D.contiguous()
         delta_bias = None if delta_bias is None else delta_bias.contiguous()
-        scan_fwd[(R, triton.cdiv(Dn, BD))](
+        launch = _explained(scan_fwd[(R, triton.cdiv(Dn, BD))])
+        launch(
             u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
             else A, out, ckpt, last, L, Dn, N, segment, n_chunks, *_strides(u), *_strides(delta), *_strides(z),
             *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -126,7 +139,8 @@ class _TritonScan(torch.autograd.Function):
         dB_part, dC_part = torch.empty(R, L, n_dblocks, N, **f32), torch.empty(R, L, n_dblocks, N, **f32)
         dA_rows, dD_rows, dbias_rows = torch.empty(R, Dn, N, **f32), torch.empty(R, Dn, **f32), torch.empty(R, Dn, **f32)
         scratch = torch.empty(R * n_dblocks * CHUNK * BD * NP, **f32)
-        scan_bwd[(R, n_dblocks)](
+        launch = _explained(scan_bwd[(R, n_dblocks)])
+        launch(
             u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
             else A, ckpt, g_out, g_last.contiguous() if g_last is not None else ckpt, du, ddelta, dz, dB_part, dC_part,
             dA_rows, dD_rows, dbias_rows, scratch, L, Dn, N, segment, n_chunks, n_dblocks, *_strides(u),
