@@ -41,10 +41,10 @@ def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None, segmen
     out = padded[:, K - 1 :] * w[:, K - 1] if bias is None else torch.addcmul(bias, padded[:, K - 1 :], w[:, K - 1])
     position = None if segment is None else torch.arange(length, device=u.device)[:, None] % segment  # (L, 1)
     for k in range(K - 1):
-        taps = padded[:, k : k + length]
-        if position is not None:  # tap k reaches K - 1 - k steps back
-            taps = taps * (position >= K - 1 - k).to(taps.dtype)
-        out = torch.addcmul(out, taps, w[:, k])
+        wk = w[:, k]
+        if position is not None:  # tap k reaches K - 1 - k steps back: its weight is zero where that crosses a start
+            wk = wk * (position >= K - 1 - k).to(w.dtype)  # (L, c): the mask rides on the weight, not on the input
+        out = torch.addcmul(out, padded[:, k : k + length], wk)
     return out
 
 
