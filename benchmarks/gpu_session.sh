@@ -10,8 +10,8 @@
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
 # Writes env.txt, parity_pure.txt, dt.txt, train_fast.log, build.log, tests.txt, mambadm_profile.txt, mambadm.txt,
-# mambadm_torch_conv.txt, triton_launch.txt, mixer.txt,
-# bench_gpu*.json, train_cuda.log, and kernels.tar (the built extensions, to reuse on the same image).
+# mambadm_torch_conv.txt, triton_launch.txt, mixer.txt, bench_gpu_*.json, train_cuda.log, and kernels.tar (the
+# built extensions: unpacked into KERNEL_SRC_DIR on a machine with the same image, they are reused, not rebuilt).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [KERNEL_SRC_DIR] [WHEEL_DIR] [SHARDS_DIR] [BUILD_DEADLINE_S]}
 src=${2:-}
@@ -64,17 +64,17 @@ if [ "${SKIP_PURE:-0}" != 1 ]; then
     [ -n "$shards" ] && train fast fast 300
 fi
 
-# 2. the kernels: wait for the build until the deadline.
-if [ -n "$src" ]; then
-    while [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 3; done
-    if [ -z "$build_pid" ]; then
-        :
-    elif kill -0 "$build_pid" 2>/dev/null; then
+# 2. the kernels: wait for the build (if one was started) until the deadline, then use what got built.
+if [ -n "$build_pid" ]; then
+    while kill -0 "$build_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 3; done
+    if kill -0 "$build_pid" 2>/dev/null; then
         echo "kernel build abandoned at ${SECONDS} s" >> "$out/build.log"
         kill -TERM -- "-$build_pid"
     else
         wait "$build_pid"; echo "build exit $? at ${SECONDS} s" >> "$out/build.log"
     fi
+fi
+if [ -n "$src" ]; then
     without_conv=$PYTHONPATH
     for d in "$src"/mamba_ssm-*/ "$src"/causal_conv1d-*/; do  # whichever extension got built
         if ls "$d"/*.so > /dev/null 2>&1; then export PYTHONPATH=${d%/}:$PYTHONPATH; echo "built: $d" >> "$out/build.log"; fi
