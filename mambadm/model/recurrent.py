@@ -143,7 +143,8 @@ def _mixer_kernel(w: PairWeights, cache: PairCache, u: Tensor, delta_pre: Tensor
     keep = masks.ssm_keep.reshape(rows, L) if masks is not None else None
     y, last = scan_rows(u.reshape(rows, L, d_inner), delta_pre.reshape(rows, L, d_inner), w.A[:, 0],
                         Bm.reshape(rows, L, -1), C.reshape(rows, L, -1), D=w.D[:, 0], z=z.reshape(rows, L, d_inner),
-                        delta_bias=w.dt_b[:, 0], delta_softplus=True, h0=cache.ssm.view(rows, d_inner, -1), keep=keep)
+                        delta_bias=w.dt_b[:, 0], delta_softplus=True, h0=cache.ssm.view(rows, d_inner, -1), keep=keep,
+                        check=False)  # shapes fixed by the snapshotted weights and the cache
     cache.ssm.copy_(last.view_as(cache.ssm))
     return y.view(B, 2, L, d_inner)
 

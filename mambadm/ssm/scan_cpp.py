@@ -144,15 +144,18 @@ class _CppScan(torch.autograd.Function):
 def scan_rows(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
     delta_bias: Tensor | None = None, delta_softplus: bool = False, h0: Tensor | None = None,
-    keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+    keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK, check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The kernel on batch-first rows, as `mambadm.model.recurrent` steps both GLoMa branches: (out, last state).
 
     u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,)
     or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
     step. All in one floating dtype (float32 or float64). Without autograd (acting) the kernel is called directly.
+    `check=False` skips `check_rows` (4% of a 1-env action's latency): for callers whose arguments are built from the
+    model's own tensors every step, as recurrent acting's are.
     """
-    check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk)
+    if check:
+        check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk)
     keep = None if keep is None else keep.to(u.dtype)[..., None]
     args = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0)):
@@ -214,14 +217,11 @@ def selective_scan_cpp(
     from zero every `segment` steps (windows aligned to the start, each as its own sequence); `chunk`: backward
     restart interval in steps."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
+    args = (batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
+            batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype))
+    check_rows(*args, None, None, chunk)
     keep = _segment_keep(u.shape[0], u.shape[-1], segment, dtype)
-    if chunk <= 0:
-        raise ValueError(f"selective_scan_cpu: chunk must be positive, got {chunk}")
-    out, last = _CppScan.apply(
-        batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
-        batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype),
-        None, keep, delta_softplus, chunk,
-    )
+    out, last = _CppScan.apply(*args, None, keep, delta_softplus, chunk)
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
 
