@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from mambadm.config import EnvSpec, load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
+from mambadm.model.embeddings import TokenEmbedding  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 from mambadm.ssm import Mamba, available_backends  # noqa: E402
 
@@ -267,12 +268,15 @@ def main() -> None:
     p.add_argument("--mfu-batches", nargs="*", type=int, default=[128, 256, 512])
     p.add_argument("--compile-batches", nargs="*", type=int, default=[256])
     p.add_argument("--context", type=int, default=30)
+    p.add_argument("--frames-nchw", action="store_true",
+                   help="feed Atari frames to the CNN in NCHW (the A/B baseline of the channels-last default)")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script itself (tiny shapes)")
     args = p.parse_args()
     global DEVICE
     DEVICE = args.device
+    TokenEmbedding.channels_last_on_cuda = not args.frames_nchw
     if DEVICE == "cpu":
         SIZES[:] = ["xs"]
         MIXER_SHAPES[:] = [(32, 24)]

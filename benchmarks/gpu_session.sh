@@ -18,7 +18,7 @@ src=${2:-}
 whl=${3:-}
 shards=${4:-}
 deadline=${5:-300}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: later steps write into it from other folders
 export PYTHONUNBUFFERED=1
 if [ -n "$whl" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-session-site "$whl"/*.whl || exit 1
