@@ -183,3 +183,21 @@ def test_cpp_rows_with_grouped_D_and_delta_bias():
         torch.testing.assert_close(scan_rows(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)[0], y)
     with pytest.raises(ValueError, match=r"D must have shape \(5\) or \(2, 5\)"):
         scan_rows(u, delta, A, B, C, D=torch.ones(3, d, dtype=torch.float64))
+
+
+def test_cpp_rows_bad_arguments_are_value_errors_naming_them():
+    """Checked in Python before the kernel (a C++ exception crashed the process on one machine)."""
+    u = torch.randn(4, 7, 5)
+    n = torch.randn(4, 7, 16)
+    A = -torch.rand(2, 5, 16)
+    cases = [
+        (dict(delta=torch.randn(4, 6, 5)), r"delta must have shape \(4, 7, 5\), got \(4, 6, 5\)"),
+        (dict(A=-torch.rand(3, 5, 16)), r"A must be \(groups dividing rows, d_inner, d_state\), got \(3, 5, 16\)"),
+        (dict(B=n.double()), r"B has dtype torch.float64, expected torch.float32"),
+        (dict(keep=torch.ones(4, 6)), r"keep must have shape \(4, 7\)"),
+        (dict(chunk=0), r"chunk must be positive, got 0"),
+    ]
+    for change, message in cases:
+        args = dict(u=u, delta=u, A=A, B=n, C=n) | change
+        with pytest.raises(ValueError, match=message):
+            scan_rows(**args)
