@@ -41,7 +41,12 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -189,11 +194,60 @@ struct GroupParams {
   const T* bias_of(int64_t b) const { return bias + (b % G) * Dn; }
 };
 
+#if defined(__AVX512F__)
+// exp_inline for 16 floats with AVX-512's vscalefps for the 2^n factor: the same clamp, Cody-Waite reduction and
+// polynomial in 13 vector ops instead of ~18 (no integer conversion, shift or upper clamp; scalef overflows to inf);
+// measured within 7.6e-8 relative of exp over [-87, 88], NaN kept.
+// A block step with it takes ~9% less time forward, ~7% less in the backward's recomputation (benchmarks/RESULTS.md).
+inline __m512 exp_f32x16(__m512 x) {
+  // >= -87: n >= -126 with r > 0, so no denormal result; x second, as max_ps returns it when either is NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));  // p r^2 + r + 1 as (p r + 1) r + 1
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// block_step for float with kLanes == 16: one vector per state, written with intrinsics for exp_f32x16.
+template <bool kStoreDecay>
+inline void block_step_f32x16(const float* dl, const float* x, const float* A_blk, int64_t Dp, const float* Bp,
+                              const float* Cp, float keep, int64_t N, const float* h_prev, float* h, float* a,
+                              float* y) {
+  static_assert(kLanes == 16, "one AVX-512 vector per block");
+  const __m512 dlv = _mm512_loadu_ps(dl), xv = _mm512_loadu_ps(x), kv = _mm512_set1_ps(keep);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 av = _mm512_mul_ps(kv, exp_f32x16(_mm512_mul_ps(dlv, _mm512_loadu_ps(A_blk + n * Dp))));
+    if constexpr (kStoreDecay) _mm512_storeu_ps(a + n * kLanes, av);
+    const __m512 hv = _mm512_fmadd_ps(av, _mm512_loadu_ps(h_prev + n * kLanes),
+                                      _mm512_mul_ps(xv, _mm512_set1_ps(Bp[n])));
+    _mm512_storeu_ps(h + n * kLanes, hv);
+    acc = _mm512_fmadd_ps(hv, _mm512_set1_ps(Cp[n]), acc);
+  }
+  _mm512_storeu_ps(y, acc);
+}
+#endif
+
 // One step of one block of kLanes channels: a = keep exp(delta' A), h = a h_prev + x B and y = <h, C> per lane.
 // h_prev may be h itself (the forward updates in place); with kStoreDecay the decays go to `a` for the adjoint.
 template <typename T, bool kStoreDecay>
 inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, const T* Bp, const T* Cp, T keep,
                        int64_t N, const T* h_prev, T* h, T* a, T* y) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    block_step_f32x16<kStoreDecay>(dl, x, A_blk, Dp, Bp, Cp, keep, N, h_prev, h, a, y);
+    return;
+  }
+#endif
   T acc[kLanes] = {};
   for (int64_t n = 0; n < N; ++n) {
     const T* An = A_blk + n * Dp;
