@@ -52,13 +52,14 @@ def profile_block(length: int, d_model: int, backend: str, repeats: int) -> dict
     x = torch.randn(16, length, d_model, requires_grad=True)
     gy = torch.randn(16, length, d_model)
     with torch.no_grad():
-        u, z, delta, B, C = m._ssm_inputs(x, backend)
-    args = [t.detach().clone().requires_grad_() for t in (u, delta, m.A_continuous(), B, C, m.D, z, m.dt_proj.bias)]
+        u, z, dt, B, C = m._ssm_inputs(x, backend)
+    args = [t.detach().clone().requires_grad_()
+            for t in (u, dt, m.A_continuous(), B, C, m.D, z, m.dt_proj.bias, m.dt_proj.weight)]
     gs = torch.randn(u.shape)
 
     def scan():
         return selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True,
-                              backend=backend)
+                              backend=backend, delta_proj=args[8])
 
     r = {"block_fwd": best_ms(lambda: m(x), repeats), "block": best_ms(lambda: m(x).backward(gy), repeats),
          "scan_fwd": best_ms(scan, repeats), "scan": best_ms(lambda: scan().backward(gs), repeats)}

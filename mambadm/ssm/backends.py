@@ -15,7 +15,7 @@ from torch import Tensor
 from mambadm.ssm.scan_cpp import cpp_missing, selective_scan_cpp
 from mambadm.ssm.scan_cuda import cuda_missing, selective_scan_cuda
 from mambadm.ssm.scan_fast import selective_scan_fast
-from mambadm.ssm.scan_ref import selective_scan_ref
+from mambadm.ssm.scan_ref import project_delta, selective_scan_ref
 from mambadm.ssm.scan_triton import selective_scan_triton, triton_missing
 
 BACKENDS = ("auto", "ref", "fast", "cpp", "cuda", "triton")
@@ -98,26 +98,32 @@ def selective_scan(
     return_last_state: bool = False,
     backend: str = "auto",
     segment: int | None = None,
+    delta_proj: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with mamba_ssm's `selective_scan_fn` conventions (see scan_ref.py for shapes).
 
     `segment` (cpp and triton): the state restarts every `segment` steps, windows aligned to the start. The
     mixer runs the other backends on the windows folded into the batch instead (`Mamba.forward`).
+    `delta_proj` (d_inner, R): delta is (batch, R, L), the low-rank step sizes before the mixer's dt_proj, and the
+    step sizes are delta_proj @ delta: `cpp` computes them inside its kernels (neither they nor their gradient are
+    ever stored), the other backends take the product first.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     name, _ = resolve_backend(backend, u.device)
+    if name == "cpp":
+        return selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  segment=segment, delta_proj=delta_proj)
+    delta = project_delta(delta, delta_proj)
     if segment is not None:
         if name not in SEGMENTED:
             raise ValueError(f"selective_scan: segment is supported by the {' and '.join(SEGMENTED)} backends only,"
                              f" not {name!r}")
-        fn = selective_scan_cpp if name == "cpp" else selective_scan_triton
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, segment=segment)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     segment=segment)
     if name == "ref":
         fn = selective_scan_ref
     elif name == "fast":
         fn = selective_scan_fast
-    elif name == "cpp":
-        fn = selective_scan_cpp
     elif name == "triton":
         fn = selective_scan_triton
     else:
@@ -125,14 +131,16 @@ def selective_scan(
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias) -> None:
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias, delta_proj) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
     batch, d_inner, length = u.shape
     if A.dim() != 2 or A.shape[0] != d_inner:
         raise ValueError(f"A must be (d_inner={d_inner}, d_state), got shape {tuple(A.shape)}")
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != d_inner):
+        raise ValueError(f"selective_scan: delta_proj must be (d_inner={d_inner}, R), got {tuple(delta_proj.shape)}")
     expected = {
-        "delta": (delta, (batch, d_inner, length)),
+        "delta": (delta, (batch, d_inner if delta_proj is None else delta_proj.shape[1], length)),
         "B": (B, (batch, A.shape[1], length)),
         "C": (C, (batch, A.shape[1], length)),
         "D": (D, (d_inner,)),

@@ -186,7 +186,8 @@ class Mamba(nn.Module):
 
     def _ssm_inputs(self, x: Tensor, backend: str, segment: int | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """From x (batch, L, d_model): u, z, delta (pre-bias), B, C in selective_scan's layouts.
+        """From x (batch, L, d_model): u, z, dt, B, C in selective_scan's layouts; dt (batch, dt_rank, L) are the
+        step sizes before dt_proj (its weight is the scan's `delta_proj`, its bias the scan's `delta_bias`).
 
         Everything is computed batch-first, (batch, L, channels), the layout the projections produce and read, and
         returned as (batch, channels, L) views: no full-length transposed copy is made on the way to the scan.
@@ -196,9 +197,8 @@ class Mamba(nn.Module):
         u, z = self._in_proj(x)
         u = self._conv(u, backend, segment)
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); bias added in the scan
-        # u, z, delta (b, d_inner, L); B, C (b, d_state, L)
-        return tuple(t.transpose(1, 2) for t in (u, z, delta, B, C))
+        # u, z (b, d_inner, L); dt (b, dt_rank, L); B, C (b, d_state, L)
+        return tuple(t.transpose(1, 2) for t in (u, z, dt, B, C))
 
     def forward(self, x: Tensor, segment: int | None = None) -> Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model).
@@ -214,10 +214,11 @@ class Mamba(nn.Module):
         if segment is not None and backend not in SEGMENTED:
             b, length, d = x.shape
             return self.forward(fold_windows(x, segment)).reshape(b, -1, d)[:, :length]
-        u, z, delta, B, C = self._ssm_inputs(x, backend, segment)
+        u, z, dt, B, C = self._ssm_inputs(x, backend, segment)
         y = selective_scan(
-            u, delta, self.A_continuous(), B, C, _at_least_f32(self.D), z=z,
+            u, dt, self.A_continuous(), B, C, _at_least_f32(self.D), z=z,
             delta_bias=_at_least_f32(self.dt_proj.bias), delta_softplus=True, backend=backend, segment=segment,
+            delta_proj=self.dt_proj.weight,
         )  # (b, d_inner, L)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
 
@@ -225,8 +226,9 @@ class Mamba(nn.Module):
         """The step sizes softplus(dt_proj(...) + bias) for input x (batch, L, d_model), float32: (batch, d_inner,
         L), or with `segment` per window as `forward` sees them, (batch * windows, d_inner, segment)."""
         x = x if segment is None else fold_windows(x, segment)
-        _, _, delta, _, _ = self._ssm_inputs(x, "ref")
-        return F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])
+        _, _, dt, _, _ = self._ssm_inputs(x, "ref")
+        delta = F.linear(dt.transpose(1, 2), self.dt_proj.weight, self.dt_proj.bias).transpose(1, 2)
+        return F.softplus(_at_least_f32(delta))
 
     def A_discrete(self, x: Tensor, segment: int | None = None) -> Tensor:
         """exp(delta * A) for input x (batch, L, d_model): (batch, L, d_inner, d_state), float32; with `segment`

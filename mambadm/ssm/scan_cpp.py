@@ -109,23 +109,25 @@ def _ops():
 
 class _CppScan(torch.autograd.Function):
     """out (rows, L, d), last state (rows, d, n) from batch-first u, delta, z (rows, L, d), B, C (rows, L, n) of any
-    strides, A (groups, d, n), D, delta_bias (d,) or (groups, d) or None; h0 (rows, d, n) and keep (rows, L, 1) or
-    None. Row b uses group b % groups."""
+    strides, A (groups, d, n), D, delta_bias (d,) or (groups, d) or None; h0 (rows, d, n), keep (rows, L, 1) and
+    delta_proj (d, R) or None (with delta_proj, delta is (rows, L, R): the step sizes are delta_proj delta). Row b
+    uses group b % groups."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus: bool, chunk: int):
-        need_backward = any(ctx.needs_input_grad[:9])  # else no chunk-start states are kept (acting)
-        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk,
-                                                need_backward)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, keep, starts)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, softplus: bool, chunk: int):
+        need_backward = any(ctx.needs_input_grad[:10])  # else no chunk-start states are kept (acting)
+        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj,
+                                                chunk, need_backward)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, starts)
         ctx.softplus, ctx.chunk = softplus, chunk
         return out, last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_last: Tensor | None):
-        u, delta, A, B, C, D, z, delta_bias, h0, keep, starts = ctx.saved_tensors
-        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0 = _ops().scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, ctx.chunk, starts, grad_out, grad_last
+        u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, starts = ctx.saved_tensors
+        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0, g_proj_rows = _ops().scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, delta_proj, ctx.chunk, starts, grad_out,
+            grad_last,
         )
         groups = A.shape[0]
 
@@ -136,9 +138,10 @@ class _CppScan(torch.autograd.Function):
             return total if like.dim() == total.dim() else total.sum(0)
 
         g_A, g_D, g_bias = per_group(g_A_rows, A), per_group(g_D_rows, D), per_group(g_bias_rows, delta_bias)
+        g_proj = g_proj_rows.sum(0).t() if delta_proj is not None else None
         grads = (g_u, g_delta, g_A, g_B, g_C, g_D, g_z if z is not None else None, g_bias,
-                 g_h0 if h0 is not None else None)
-        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:9])) + (None, None, None)
+                 g_h0 if h0 is not None else None, g_proj)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:10])) + (None, None, None)
 
 
 def scan_rows(
@@ -159,13 +162,14 @@ def scan_rows(
     keep = None if keep is None else keep.to(u.dtype)[..., None]
     args = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0)):
-        return _CppScan.apply(*args, h0, keep, delta_softplus, chunk)
-    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, chunk, False)
+        return _CppScan.apply(*args, h0, None, keep, delta_softplus, chunk)
+    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, None, chunk, False)
     return out, last
 
 
 def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-               delta_bias: Tensor | None, h0: Tensor | None, keep: Tensor | None, chunk: int) -> None:
+               delta_bias: Tensor | None, h0: Tensor | None, keep: Tensor | None, chunk: int,
+               delta_proj: Tensor | None = None) -> None:
     """The kernel's own argument checks, made here first as ValueErrors naming the argument.
 
     The kernel checks again, but a C++ exception is not a safe way to report bad input: on one machine (g++ 13.3,
@@ -182,7 +186,10 @@ def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     if A.dim() != 3 or A.shape[1] != d_inner or A.shape[0] == 0 or rows % A.shape[0]:
         fail(f"A must be (groups dividing rows, d_inner, d_state), got {tuple(A.shape)}")
     groups, d_state = A.shape[0], A.shape[2]
-    shapes = {"delta": (delta, (rows, length, d_inner)), "B": (B, (rows, length, d_state)),
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != d_inner):
+        fail(f"delta_proj must be ({d_inner}, R), got {tuple(delta_proj.shape)}")
+    delta_width = d_inner if delta_proj is None else delta_proj.shape[1]
+    shapes = {"delta": (delta, (rows, length, delta_width)), "B": (B, (rows, length, d_state)),
               "C": (C, (rows, length, d_state)), "z": (z, (rows, length, d_inner)),
               "h0": (h0, (rows, d_inner, d_state)), "keep": (keep, (rows, length))}
     for name, (t, shape) in shapes.items():
@@ -192,7 +199,7 @@ def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
         if t is not None and tuple(t.shape) not in ((d_inner,), (groups, d_inner)):
             fail(f"{name} must have shape ({d_inner}) or ({groups}, {d_inner}), got {tuple(t.shape)}")
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias),
-                    ("h0", h0)):
+                    ("h0", h0), ("delta_proj", delta_proj)):
         if t is not None and t.dtype != u.dtype:
             fail(f"{name} has dtype {t.dtype}, expected {u.dtype}")
     if chunk <= 0:
@@ -211,17 +218,20 @@ def selective_scan_cpp(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     segment: int | None = None,
+    delta_proj: Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused CPU selective scan; same arguments and result as `selective_scan_ref`. `segment`: the state restarts
-    from zero every `segment` steps (windows aligned to the start, each as its own sequence); `chunk`: backward
-    restart interval in steps."""
+    from zero every `segment` steps (windows aligned to the start, each as its own sequence); `delta_proj`
+    (d_inner, R): delta is (batch, R, L) and the step sizes are delta_proj @ delta, computed inside the kernel;
+    `chunk`: backward restart interval in steps."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
     args = (batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
             batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype))
-    check_rows(*args, None, None, chunk)
+    proj = None if delta_proj is None else delta_proj.to(dtype)
+    check_rows(*args, None, None, chunk, proj)
     keep = _segment_keep(u.shape[0], u.shape[-1], segment, dtype)
-    out, last = _CppScan.apply(*args, None, keep, delta_softplus, chunk)
+    out, last = _CppScan.apply(*args, None, proj, keep, delta_softplus, chunk)
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
 

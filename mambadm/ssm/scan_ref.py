@@ -37,6 +37,14 @@ def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool
     return F.softplus(delta) if delta_softplus else delta
 
 
+def project_delta(delta: Tensor, delta_proj: Tensor | None) -> Tensor:
+    """The step sizes (batch, d_inner, L) from low-rank ones (batch, R, L) and delta_proj (d_inner, R) - the Mamba
+    mixer's dt_proj weight - as a view of the batch-first product; delta unchanged when delta_proj is None."""
+    if delta_proj is None:
+        return delta
+    return F.linear(delta.transpose(1, 2), delta_proj).transpose(1, 2)
+
+
 def batch_first(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """(b, channels, L) -> a (b, L, channels) view in `dtype` (the fused backends' layout); None stays None."""
     return None if t is None else t.to(dtype).transpose(1, 2)

@@ -9,6 +9,9 @@
 //     h_t = a_t * h_{t-1} + x_t,     y_t = <h_t, C_t>,     out_t = (y_t + D u_t) * silu(z_t)
 //
 // keep (optional, 0 or 1 per row and step) resets the state before a step, as a window start does in acting.
+// delta_proj (optional, (d_inner, R)): delta is then (rows, L, R), the low-rank step sizes before the Mamba mixer's
+// dt_proj, and delta + delta_bias becomes delta_proj delta + delta_bias inside the kernels (training never makes the
+// (rows, L, d_inner) step sizes or their gradient; the backward returns the gradients of delta and delta_proj).
 // A is (groups, d_inner, d_state): row b uses A[b % groups] (the two branches of a GLoMa layer stepped as one); D
 // and delta_bias are (d_inner,), shared by all rows, or (groups, d_inner), grouped like A.
 //
@@ -101,41 +104,50 @@ struct Args {
   at::Tensor u, delta, A, B, C, D, z, delta_bias, h0, keep;
   bool softplus;
   int64_t chunk;
+  at::Tensor proj_t;  // delta_proj transposed, (R, d_inner) contiguous, or undefined
 };
 
 // Per-step terms of the channels of row b, steps [s, s + len), into (len, ld) buffers (ld >= channels; the
 // padding columns are left as they are), vectorised over channels: delta' (dl), x = delta' u (x), and
-// sigmoid(delta + bias) (sig, the softplus derivative) when asked. `bias` is never null (zeros when absent).
+// sigmoid(delta + bias) (sig, the softplus derivative) when asked. `bias` is never null (zeros when absent);
+// `proj_t` (R, nd) when delta holds the R low-rank step sizes per step (see delta_proj above), else null.
 // Optional terms are switched outside the vector loops, never inside: a select in a vectorised loop evaluates
 // both sides, and the side that is not taken can produce denormals that slow every later operation 3-4x.
 template <typename T>
-void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, bool sp, int64_t b, int64_t s,
-                int64_t len, int64_t nd, int64_t ld, T* dl, T* x, T* sig) {
+void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, const T* proj_t, int64_t R, bool sp,
+                int64_t b, int64_t s, int64_t len, int64_t nd, int64_t ld, T* dl, T* x, T* sig) {
   for (int64_t j = 0; j < len; ++j) {
     const T* up = u.row(b, s + j);
     const T* dp = delta.row(b, s + j);
-    const T* bp = bias;
-    T* dlj = dl + j * ld;
+    T* dlj = dl + j * ld;  // delta + bias first, then delta'
     T* xj = x + j * ld;
-    if (sp) {
+    if (proj_t) {
+      std::copy(bias, bias + nd, dlj);
+      for (int64_t r = 0; r < R; ++r) {
+        const T dr = dp[r];
+        const T* wr = proj_t + r * nd;
 #pragma omp simd
-      for (int64_t i = 0; i < nd; ++i) {
-        const T v = softplus(dp[i] + bp[i]);
-        dlj[i] = v;
-        xj[i] = v * up[i];
-      }
-      if (sig) {
-        T* sj = sig + j * ld;
-#pragma omp simd
-        for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dp[i] + bp[i]);
+        for (int64_t i = 0; i < nd; ++i) dlj[i] += dr * wr[i];
       }
     } else {
 #pragma omp simd
+      for (int64_t i = 0; i < nd; ++i) dlj[i] = dp[i] + bias[i];
+    }
+    if (sp) {
+      if (sig) {
+        T* sj = sig + j * ld;
+#pragma omp simd
+        for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dlj[i]);
+      }
+#pragma omp simd
       for (int64_t i = 0; i < nd; ++i) {
-        const T v = dp[i] + bp[i];
+        const T v = softplus(dlj[i]);
         dlj[i] = v;
         xj[i] = v * up[i];
       }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < nd; ++i) xj[i] = dlj[i] * up[i];
     }
   }
 }
@@ -288,6 +300,8 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   T* lst = last.data_ptr<T>();
   T* st = save_starts ? starts.data_ptr<T>() : nullptr;
   const bool sp = a.softplus;
+  const T* proj = a.proj_t.defined() ? a.proj_t.data_ptr<T>() : nullptr;
+  const int64_t R = proj ? a.proj_t.size(0) : 0;
 
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     const int64_t T_max = std::min(chunk, L);
@@ -299,7 +313,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
-        step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), static_cast<T*>(nullptr));
+        step_terms(u, delta, bias, proj, R, sp, b, s, len, Dn, Dp, dl.data(), x.data(), static_cast<T*>(nullptr));
         for (int64_t j = 0; j < len; ++j) {
           const T* Bp = B.row(b, s + j);
           const T* Cp = C.row(b, s + j);
@@ -338,7 +352,11 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   const int64_t chunk = a.chunk, n_chunks = starts.size(1);
   const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
   auto opts = a.u.options();
-  at::Tensor g_u = at::empty({rows, L, Dn}, opts), g_delta = at::empty({rows, L, Dn}, opts);
+  const T* proj = a.proj_t.defined() ? a.proj_t.data_ptr<T>() : nullptr;
+  const int64_t R = proj ? a.proj_t.size(0) : 0;
+  at::Tensor g_u = at::empty({rows, L, Dn}, opts), g_delta = at::empty({rows, L, proj ? R : Dn}, opts);
+  // the gradient of delta_proj as (R, d_inner) per row, summed over rows by the caller; empty without delta_proj
+  at::Tensor g_proj_rows = at::zeros({proj ? rows : 0, R, Dn}, opts);
   at::Tensor g_B = at::empty({rows, L, N}, opts), g_C = at::empty({rows, L, N}, opts);
   at::Tensor g_z = a.z.defined() ? at::empty({rows, L, Dn}, opts) : at::Tensor();
   at::Tensor g_A_rows = at::empty({rows, Dn, N}, opts);  // summed over rows by the caller
@@ -357,6 +375,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   T* gz = g_z.defined() ? g_z.data_ptr<T>() : nullptr;
   T *gA = g_A_rows.data_ptr<T>(), *gD = g_D_rows.data_ptr<T>(), *gbias = g_bias_rows.data_ptr<T>();
   T* gh0 = g_h0.data_ptr<T>();
+  T* gproj = proj ? g_proj_rows.data_ptr<T>() : nullptr;
   const bool sp = a.softplus;
 
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
@@ -367,6 +386,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     // over states gx = sum_n g B and ga = sum_n g a h_prev A that the per-channel epilogue needs
     std::vector<T> y(T_max * Dp, T(0)), gy(T_max * Dp, T(0)), gx(T_max * Dp, T(0)), ga(T_max * Dp, T(0));
     std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
+    std::vector<T> g_pre_buf(proj ? Dn : 0);  // d(delta + bias) of one step, projected back to the R inputs
     for (int64_t b = r0; b < r1; ++b) {
       const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
@@ -374,7 +394,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
       std::fill(gA_acc.begin(), gA_acc.end(), T(0));
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
-        step_terms(u, delta, bias, sp, b, s, len, Dn, Dp, dl.data(), x.data(), sig.data());
+        step_terms(u, delta, bias, proj, R, sp, b, s, len, Dn, Dp, dl.data(), x.data(), sig.data());
         // gy = d out / dy = g_out * silu(z) (or g_out), and dD += gy u: vectorised over all channels at once
         for (int64_t j = 0; j < len; ++j) {
           const int64_t t = s + j;
@@ -447,7 +467,8 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           }
         }
         // Per channel, vectorised over all channels: dz from out = (y + D u) * silu(z); du and d delta (through
-        // the softplus) and d delta_bias from x = delta' u and a = exp(delta' A)
+        // the softplus) and d delta_bias from x = delta' u and a = exp(delta' A); with delta_proj, d delta is
+        // projected back to the R inputs and d delta_proj collects its outer product with them
         for (int64_t j = 0; j < len; ++j) {
           const int64_t t = s + j;
           const T* up = u.row(b, t);
@@ -456,7 +477,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           const T *yj = y.data() + j * Dp, *gyj = gy.data() + j * Dp, *gxj = gx.data() + j * Dp;
           const T* gaj = ga.data() + j * Dp;
           T* gup = gu + (b * L + t) * Dn;
-          T* gdp = gdelta + (b * L + t) * Dn;
+          T* gdp = proj ? g_pre_buf.data() : gdelta + (b * L + t) * Dn;
           T* gbb = gbias + b * Dn;
           if (z) {
             const T* gop = go.row(b, t);
@@ -475,6 +496,22 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
             const T g_pre = (gaj[d] + gxj[d] * up[d]) * sj[d];  // sj: the softplus derivative, or 1
             gdp[d] = g_pre;
             gbb[d] += g_pre;
+          }
+          if (proj) {
+            const T* dp = delta.row(b, t);
+            T* gdt = gdelta + (b * L + t) * R;
+            for (int64_t r = 0; r < R; ++r) {
+              const T* wr = proj + r * Dn;
+              T* gwr = gproj + (b * R + r) * Dn;
+              const T dr = dp[r];
+              T acc = 0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t d = 0; d < Dn; ++d) {
+                acc += gdp[d] * wr[d];
+                gwr[d] += gdp[d] * dr;
+              }
+              gdt[r] = acc;
+            }
           }
         }
         // dB_t, dC_t: the per-lane partial sums added up
@@ -496,13 +533,13 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
       from_lanes(gA_acc.data(), Dn, N, gA + b * Dn * N);
     }
   });
-  return {g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0};
+  return {g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0, g_proj_rows};
 }
 
 Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                const std::optional<at::Tensor>& delta_bias, bool softplus, const std::optional<at::Tensor>& h0,
-               const std::optional<at::Tensor>& keep, int64_t chunk) {
+               const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& delta_proj, int64_t chunk) {
   TORCH_CHECK(u.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU, got ", u.device());
   TORCH_CHECK(u.dim() == 3, "selective_scan_cpu: u must be (rows, L, d_inner), got ", u.sizes());
   const int64_t rows = u.size(0), L = u.size(1), Dn = u.size(2);
@@ -514,7 +551,14 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
     TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(),
                 ", expected ", u.scalar_type());
   };
-  check(delta, "delta", {rows, L, Dn});
+  if (delta_proj) {
+    TORCH_CHECK(delta_proj->dim() == 2 && delta_proj->size(0) == Dn, "selective_scan_cpu: delta_proj must be (",
+                Dn, ", R), got ", delta_proj->sizes());
+    check(*delta_proj, "delta_proj", {Dn, delta_proj->size(1)});
+    check(delta, "delta", {rows, L, delta_proj->size(1)});
+  } else {
+    check(delta, "delta", {rows, L, Dn});
+  }
   check(B, "B", {rows, L, N});
   check(C, "C", {rows, L, N});
   check(A, "A", {A.size(0), Dn, N});
@@ -538,6 +582,7 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   if (delta_bias) a.delta_bias = per_group(*delta_bias, "delta_bias");
   if (h0) { check(*h0, "h0", {rows, Dn, N}); a.h0 = h0->contiguous(); }
   if (keep) { check(*keep, "keep", {rows, L, 1}); a.keep = keep->contiguous(); }
+  if (delta_proj) a.proj_t = delta_proj->t().contiguous();
   return a;
 }
 
@@ -545,8 +590,9 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                                      const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                                      const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                                      bool softplus, const std::optional<at::Tensor>& h0,
-                                     const std::optional<at::Tensor>& keep, int64_t chunk, bool save_starts) {
-  Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk);
+                                     const std::optional<at::Tensor>& keep,
+                                     const std::optional<at::Tensor>& delta_proj, int64_t chunk, bool save_starts) {
+  Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk);
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
     result = a.A.size(2) == 16 ? forward_impl<scalar_t, 16>(a, save_starts)
@@ -559,9 +605,11 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                                       const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                                       bool softplus, const std::optional<at::Tensor>& h0,
-                                      const std::optional<at::Tensor>& keep, int64_t chunk, const at::Tensor& starts,
-                                      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_last) {
-  Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, chunk);
+                                      const std::optional<at::Tensor>& keep,
+                                      const std::optional<at::Tensor>& delta_proj, int64_t chunk,
+                                      const at::Tensor& starts, const at::Tensor& grad_out,
+                                      const std::optional<at::Tensor>& grad_last) {
+  Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk);
   TORCH_CHECK(grad_out.sizes() == u.sizes(), "selective_scan_cpu: grad_out must match u, got ", grad_out.sizes());
   const int64_t lanes = (u.size(2) + kLanes - 1) / kLanes * kLanes * A.size(2);
   TORCH_CHECK(starts.dim() == 3 && starts.size(0) == u.size(0) && starts.size(2) == lanes,
@@ -707,10 +755,11 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
 
 TORCH_LIBRARY(mambadm_cpu, m) {
   m.def("scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, bool save_starts) -> Tensor[]");
+        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, Tensor? delta_proj, int chunk, "
+        "bool save_starts) -> Tensor[]");
   m.def("scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, int chunk, Tensor starts, Tensor grad_out, "
-        "Tensor? grad_last) -> Tensor[]");
+        "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, Tensor? delta_proj, int chunk, Tensor starts, "
+        "Tensor grad_out, Tensor? grad_last) -> Tensor[]");
   m.def("conv_forward(Tensor x, Tensor w, Tensor? bias, int segment) -> Tensor");
   m.def("conv_backward(Tensor x, Tensor w, Tensor? bias, Tensor grad_out, int segment) -> Tensor[]");
 }
