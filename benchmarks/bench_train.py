@@ -8,7 +8,7 @@ vector (Hopper-shaped) data, the median of --steps steps of each model taken alt
 on a shared machine), the DT's width chosen so its parameter count is closest to MambaDM's; both models built by
 ``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
-memory. --compile: both models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up
+memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up
 steps pay the compilation). Every number is measured in this run, side by side.
 """
 from __future__ import annotations
@@ -64,17 +64,18 @@ def train_step(model, opt, batch) -> float:
     return time.perf_counter() - t
 
 
-def step_times(model, batches, steps: int, warmup: int = 2) -> list[float]:
-    """Seconds per training step; ``batches`` is an iterator of batches (next() is timed too)."""
+def interleaved_feed_times(model, feeds: dict, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per training step of one model fed by each iterator of batches in ``feeds`` (next() timed too), the
+    feeds alternating step by step, so that every feed sees the same load and the same state of the model."""
     opt = make_optimizer(model, load_config(None, []).optim)
     model.train()
-    times = []
+    times = {name: [] for name in feeds}
     for i in range(warmup + steps):
-        t = time.perf_counter()
-        train_step(model, opt, next(batches))
-        elapsed = time.perf_counter() - t
-        if i >= warmup:
-            times.append(elapsed)
+        for name, batches in feeds.items():
+            t = time.perf_counter()
+            train_step(model, opt, next(batches))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
     return times
 
 
@@ -145,9 +146,8 @@ def main() -> None:
         stream = iter(loader)
         batch = next(stream)
         model = build_model(cfg.model, spec)
-        steps = max(args.steps, 20)
-        memory = statistics.median(step_times(model, repeat(batch), steps))
-        streamed = statistics.median(step_times(model, stream, steps))
+        times = interleaved_feed_times(model, {"memory": repeat(batch), "streamed": stream}, max(args.steps, 20))
+        memory, streamed = (statistics.median(times[name]) for name in ("memory", "streamed"))
         print("\n| MambaDM step, K=30 | in-memory batch | streamed from real shards (1 worker) | streamed / in-memory |"
               f"\n|---|---|---|---|\n| seconds per step | {memory:.4f} | {streamed:.4f} | {streamed / memory:.3f} |")
     print(f"\nload average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end")
