@@ -209,7 +209,7 @@ struct GroupParams {
 #if defined(__AVX512F__)
 // exp_inline for 16 floats with AVX-512's vscalefps for the 2^n factor: the same clamp, Cody-Waite reduction and
 // polynomial in 13 vector ops instead of ~18 (no integer conversion, shift or upper clamp; scalef overflows to inf);
-// measured within 7.6e-8 relative of exp over [-87, 88], NaN kept.
+// measured within 7.4e-8 relative of exp over [-87, 88], NaN kept.
 // A block step with it takes ~9% less time forward, ~7% less in the backward's recomputation (benchmarks/RESULTS.md).
 inline __m512 exp_f32x16(__m512 x) {
   // >= -87: n >= -126 with r > 0, so no denormal result; x second, as max_ps returns it when either is NaN
