@@ -664,7 +664,7 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
                                            const at::Tensor& go_t, int64_t segment) {
   const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
   auto opts = x_t.options();
-  at::Tensor g_x = at::zeros({rows, L, Cn}, opts);
+  at::Tensor g_x = at::empty({rows, L, Cn}, opts);
   at::Tensor g_w_rows = at::zeros({rows, K, Cn}, opts);  // summed over rows by the caller
   at::Tensor g_bias_rows = at::zeros({rows, Cn}, opts);  // idem
   View3<T> x(x_t), go(go_t);
@@ -673,14 +673,14 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
   T *gx = g_x.data_ptr<T>(), *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> g_pre(Cn);
+    std::vector<T> g_pre(L * Cn);  // d loss / d pre-activation of every output of the row
     for (int64_t b = r0; b < r1; ++b) {
       T* gwb = gw + b * K * Cn;
       T* gbb = gb + b * Cn;
       for (int64_t t = 0; t < L; ++t) {
         const int64_t k0 = first_tap(t, K, segment);
-        // recompute pre_t, then g_pre = g_out * silu'(pre_t)
-        T* gp = g_pre.data();
+        // recompute pre_t, then g_pre = g_out * silu'(pre_t); dw and d bias collect it
+        T* gp = g_pre.data() + t * Cn;
 #pragma omp simd
         for (int64_t c = 0; c < Cn; ++c) gp[c] = bias[c];
         for (int64_t k = k0; k < K; ++k) {
@@ -697,15 +697,29 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
           gbb[c] += gp[c];
         }
         for (int64_t k = k0; k < K; ++k) {
-          const int64_t s = t - K + 1 + k;
-          const T* xs = x.row(b, s);
-          const T* wk = w + k * Cn;
-          T* gxs = gx + (b * L + s) * Cn;
+          const T* xs = x.row(b, t - K + 1 + k);
           T* gwk = gwb + k * Cn;
 #pragma omp simd
-          for (int64_t c = 0; c < Cn; ++c) {
-            gxs[c] += wk[c] * gp[c];
-            gwk[c] += xs[c] * gp[c];
+          for (int64_t c = 0; c < Cn; ++c) gwk[c] += xs[c] * gp[c];
+        }
+      }
+      // dx_s = sum over the outputs t = s + K - 1 - k that read input s through tap k (same window, t < L),
+      // gathered: each dx row is written once, no zero fill and no read-modify-write per tap
+      for (int64_t s = 0; s < L; ++s) {
+        T* gxs = gx + (b * L + s) * Cn;
+        bool first = true;
+        for (int64_t k = K - 1; k >= 0; --k) {
+          const int64_t t = s + K - 1 - k;
+          if (t >= L || (segment > 0 && t / segment != s / segment)) break;  // later taps reach further
+          const T* gp = g_pre.data() + t * Cn;
+          const T* wk = w + k * Cn;
+          if (first) {
+#pragma omp simd
+            for (int64_t c = 0; c < Cn; ++c) gxs[c] = wk[c] * gp[c];
+            first = false;
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < Cn; ++c) gxs[c] += wk[c] * gp[c];
           }
         }
       }
