@@ -250,3 +250,21 @@ def test_cpp_rows_bad_arguments_are_value_errors_naming_them():
         args = dict(u=u, delta=u, A=A, B=n, C=n) | change
         with pytest.raises(ValueError, match=message):
             scan_rows(**args)
+
+
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    """The kernels split rows over torch's intra-op threads (OpenMP); per-row partial sums keep every output and
+    gradient bit-identical to a one-thread run."""
+    x = _low_rank_delta(_inputs(12, 40, 16, 57, seed=9), rank=4, seed=10)
+    grad_out = torch.randn(12, 40, 57, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = selective_scan(**x, delta_softplus=True, backend="cpp", segment=6)
+            results.append((out, *torch.autograd.grad((out * grad_out).sum(), list(x.values()))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

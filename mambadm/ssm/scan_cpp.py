@@ -7,13 +7,16 @@ computes every term of the forward and of the backward in one pass over time, wh
 19 passes over chunk-sized state tensors. Flags: -O3 and fast-math for the compile step only (it lets the compiler
 vectorise the per-channel `exp` / `log1p` calls; the linked library does not change the process's floating-point
 mode), plus the vector ISA torch detects on this CPU. The ISA is part of the extension's name, so machines sharing
-one cache never load a build made for another CPU.
+one cache never load a build made for another CPU. On Linux also -fopenmp: `at::parallel_for` is a header template
+compiled into the extension, and without OpenMP it runs every row on the calling thread (the kernels ignored
+`torch.set_num_threads`); the extension then uses the OpenMP runtime torch has already loaded (same soname).
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +34,11 @@ STALE_LOCK_SECONDS = 600  # a build takes ~10-60 s: an older build lock was left
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error": why it cannot be
+
+
+def _openmp_flags() -> list[str]:
+    """Compile and link flags that make `at::parallel_for` in the kernels use torch's intra-op threads."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def _isa_flags() -> tuple[str, list[str]]:
@@ -89,7 +97,8 @@ def cpp_missing() -> str | None:
             cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags],
+                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags, *_openmp_flags()],
+                extra_ldflags=_openmp_flags(),
                 is_python_module=False,
                 verbose=False,
             )

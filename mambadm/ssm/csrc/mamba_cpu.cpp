@@ -58,6 +58,13 @@ namespace {
 // ends in a horizontal sum. Channel counts are padded up to a multiple of kLanes inside the kernels.
 constexpr int64_t kLanes = 16;
 
+// Rows per task of at::parallel_for (which needs the extension built with OpenMP, see scan_cpp.py): enough rows that
+// a task holds ~32k elements of work, so a small call (one env's acting step) stays on the calling thread instead of
+// paying for a parallel region.
+inline int64_t row_grain(int64_t elements_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+}
+
 template <typename T>
 struct View3 {  // a (rows, steps, channels) view whose channels are contiguous
   const T* data = nullptr;
@@ -303,7 +310,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   const T* proj = a.proj_t.defined() ? a.proj_t.data_ptr<T>() : nullptr;
   const int64_t R = proj ? a.proj_t.size(0) : 0;
 
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(L * Dp * N), [&](int64_t r0, int64_t r1) {
     const int64_t T_max = std::min(chunk, L);
     std::vector<T> h(N * Dp), dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), y(T_max * Dp);
     for (int64_t b = r0; b < r1; ++b) {
@@ -378,7 +385,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   T* gproj = proj ? g_proj_rows.data_ptr<T>() : nullptr;
   const bool sp = a.softplus;
 
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(L * Dp * N), [&](int64_t r0, int64_t r1) {
     const int64_t T_max = std::min(chunk, L), NL = N * kLanes;
     std::vector<T> hbuf((T_max + 1) * NL), abuf(T_max * NL), carry(N * Dp), gA_acc(N * Dp);
     std::vector<T> dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), sig(T_max * Dp, T(1)), sz(z ? T_max * Dp : 0);
@@ -639,7 +646,7 @@ at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const
   const std::vector<T> zeros(Cn, T(0));
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
   T* o = out.data_ptr<T>();
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(L * Cn * K), [&](int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
       for (int64_t t = 0; t < L; ++t) {
         T* ot = o + (b * L + t) * Cn;
@@ -672,7 +679,7 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
   const std::vector<T> zeros(Cn, T(0));
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
   T *gx = g_x.data_ptr<T>(), *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(L * Cn * K), [&](int64_t r0, int64_t r1) {
     std::vector<T> g_pre(L * Cn);  // d loss / d pre-activation of every output of the row
     for (int64_t b = r0; b < r1; ++b) {
       T* gwb = gw + b * K * Cn;
