@@ -140,12 +140,18 @@ void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, const T
 #pragma omp simd
       for (int64_t i = 0; i < nd; ++i) dlj[i] = dp[i] + bias[i];
     }
-    if (sp) {
-      if (sig) {
-        T* sj = sig + j * ld;
+    if (sp && sig) {  // softplus and its derivative sigmoid from one exp: log1p(e) and e / (1 + e)
+      T* sj = sig + j * ld;
 #pragma omp simd
-        for (int64_t i = 0; i < nd; ++i) sj[i] = sigmoid(dlj[i]);
+      for (int64_t i = 0; i < nd; ++i) {
+        const T pre = dlj[i];
+        const T e = std::exp(std::min(pre, T(20)));
+        sj[i] = e / (T(1) + e);
+        const T v = pre > T(20) ? pre : std::log1p(e);
+        dlj[i] = v;
+        xj[i] = v * up[i];
       }
+    } else if (sp) {
 #pragma omp simd
       for (int64_t i = 0; i < nd; ++i) {
         const T v = softplus(dlj[i]);
