@@ -17,6 +17,7 @@ from torch import Tensor
 from mambadm.ssm.backends import BACKENDS, SEGMENTED, resolve_backend, selective_scan
 from mambadm.ssm.scan_cpp import causal_conv_silu_cpp
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda
+from mambadm.ssm.scan_ref import project_delta
 
 logger = logging.getLogger(__name__)
 _logged_choices: set[tuple[str, str, str]] = set()
@@ -227,8 +228,8 @@ class Mamba(nn.Module):
         L), or with `segment` per window as `forward` sees them, (batch * windows, d_inner, segment)."""
         x = x if segment is None else fold_windows(x, segment)
         _, _, dt, _, _ = self._ssm_inputs(x, "ref")
-        delta = F.linear(dt.transpose(1, 2), self.dt_proj.weight, self.dt_proj.bias).transpose(1, 2)
-        return F.softplus(_at_least_f32(delta))
+        delta = project_delta(dt, self.dt_proj.weight)  # the bias added in float32, as the scans add it
+        return F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])
 
     def A_discrete(self, x: Tensor, segment: int | None = None) -> Tensor:
         """exp(delta * A) for input x (batch, L, d_model): (batch, L, d_inner, d_state), float32; with `segment`
