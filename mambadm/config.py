@@ -222,6 +222,9 @@ def validate(cfg: Any) -> None:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
         except Exception:
             continue
+        if value == "False" and "no" in allowed:  # YAML reads a bare `no` as false, which a str field keeps as 'False'
+            OmegaConf.update(cfg, key, "no")
+            value = "no"
         if value is not None and value not in allowed:
             raise ConfigError(f"'{key}' must be one of {list(allowed)}, got '{value}'")
 

@@ -158,7 +158,8 @@ def train(cfg: Any, accelerator: Any) -> TrainerState:
         (run_dir / "config.yaml").write_text(config_yaml)
         accelerator.print(f"{cfg.model.family}: {n_params:,} parameters; {len(train_shards)} training shards "
                           f"({data_lib.transitions_of(train_shards):,} transitions), {len(val_shards)} validation "
-                          f"shards; {world} process(es), {accelerator.distributed_type}")
+                          f"shards; {world} process(es), {accelerator.distributed_type}, precision "
+                          f"{accelerator.mixed_precision}")
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard")
     metrics = MetricsLogger(accelerator, run_dir, state.step, cfg.train.steps, cfg.train.progress)

@@ -35,6 +35,15 @@ def test_bad_type_and_choice():
         load_config(None, ["model.d_model"])
 
 
+def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
+    """YAML reads `no` as false; train.mixed_precision=no (Accelerate's name for full precision) still means 'no'."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "run.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "run.yaml").train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
