@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambadm.ssm.backends import BACKENDS, SEGMENTED, resolve_backend, selective_scan
-from mambadm.ssm.scan_cpp import causal_conv_silu_cpp
+from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, scan_rows, segment_keep
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda
-from mambadm.ssm.scan_ref import project_delta
+from mambadm.ssm.scan_ref import compute_dtype, project_delta
 
 logger = logging.getLogger(__name__)
 _logged_choices: set[tuple[str, str, str]] = set()
@@ -187,19 +187,15 @@ class Mamba(nn.Module):
 
     def _ssm_inputs(self, x: Tensor, backend: str, segment: int | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """From x (batch, L, d_model): u, z, dt, B, C in selective_scan's layouts; dt (batch, dt_rank, L) are the
-        step sizes before dt_proj (its weight is the scan's `delta_proj`, its bias the scan's `delta_bias`).
-
-        Everything is computed batch-first, (batch, L, channels), the layout the projections produce and read, and
-        returned as (batch, channels, L) views: no full-length transposed copy is made on the way to the scan.
-        """
+        """From x (batch, L, d_model): u, z (batch, L, d_inner), dt (batch, L, dt_rank), B, C (batch, L, d_state),
+        batch-first, the layout the projections produce and read; dt are the step sizes before dt_proj (its weight
+        is the scan's `delta_proj`, its bias the scan's `delta_bias`)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects x of shape (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         u, z = self._in_proj(x)
         u = self._conv(u, backend, segment)
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # u, z (b, d_inner, L); dt (b, dt_rank, L); B, C (b, d_state, L)
-        return tuple(t.transpose(1, 2) for t in (u, z, dt, B, C))
+        return u, z, dt, B, C
 
     def forward(self, x: Tensor, segment: int | None = None) -> Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model).
@@ -216,19 +212,37 @@ class Mamba(nn.Module):
             b, length, d = x.shape
             return self.forward(fold_windows(x, segment)).reshape(b, -1, d)[:, :length]
         u, z, dt, B, C = self._ssm_inputs(x, backend, segment)
-        y = selective_scan(
-            u, dt, self.A_continuous(), B, C, _at_least_f32(self.D), z=z,
-            delta_bias=_at_least_f32(self.dt_proj.bias), delta_softplus=True, backend=backend, segment=segment,
-            delta_proj=self.dt_proj.weight,
-        )  # (b, d_inner, L)
-        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+        if backend == "cpp":
+            y = self._scan_cpp(u, z, dt, B, C, segment)
+        else:  # selective_scan's (b, channels, L) layout as views: no full-length transposed copy on the way
+            y = selective_scan(
+                *(t.transpose(1, 2) for t in (u, dt)), self.A_continuous(), *(t.transpose(1, 2) for t in (B, C)),
+                _at_least_f32(self.D), z=z.transpose(1, 2), delta_bias=_at_least_f32(self.dt_proj.bias),
+                delta_softplus=True, backend=backend, segment=segment, delta_proj=self.dt_proj.weight,
+            ).transpose(1, 2)
+        return self.out_proj(y.to(x.dtype))
+
+    def _scan_cpp(self, u: Tensor, z: Tensor, dt: Tensor, B: Tensor, C: Tensor, segment: int | None) -> Tensor:
+        """The `cpp` scan on the batch-first tensors as they are (the kernel's own layout): no transposed views in
+        and out, so autograd adds the two gradients of u (from x_proj and from the scan) in place, and no argument
+        checks (the tensors are the module's own): ~4% of a K=8 training step at d_model 64, 0-2.6% at K=30, nothing
+        measurable at d_model 128, against the `selective_scan` entry point (A/B in one process,
+        benchmarks/RESULTS.md)."""
+        dtype = compute_dtype(u)
+        y, _ = scan_rows(
+            u.to(dtype), dt.to(dtype), self.A_continuous().to(dtype)[None], B.to(dtype), C.to(dtype),
+            self.D.to(dtype), z.to(dtype), self.dt_proj.bias.to(dtype), delta_softplus=True,
+            keep=segment_keep(u.shape[0], u.shape[1], segment, u.device), check=False,
+            delta_proj=self.dt_proj.weight.to(dtype),
+        )
+        return y
 
     def delta(self, x: Tensor, segment: int | None = None) -> Tensor:
         """The step sizes softplus(dt_proj(...) + bias) for input x (batch, L, d_model), float32: (batch, d_inner,
         L), or with `segment` per window as `forward` sees them, (batch * windows, d_inner, segment)."""
         x = x if segment is None else fold_windows(x, segment)
         _, _, dt, _, _ = self._ssm_inputs(x, "ref")
-        delta = project_delta(dt, self.dt_proj.weight)  # the bias added in float32, as the scans add it
+        delta = project_delta(dt.transpose(1, 2), self.dt_proj.weight)  # the bias added in float32, as the scans do
         return F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])
 
     def A_discrete(self, x: Tensor, segment: int | None = None) -> Tensor:

@@ -156,23 +156,25 @@ class _CppScan(torch.autograd.Function):
 def scan_rows(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
     delta_bias: Tensor | None = None, delta_softplus: bool = False, h0: Tensor | None = None,
-    keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK, check: bool = True,
+    keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK, check: bool = True, delta_proj: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The kernel on batch-first rows, as `mambadm.model.recurrent` steps both GLoMa branches: (out, last state).
+    """The kernel on batch-first rows, as the mixer's training forward and `mambadm.model.recurrent`'s acting step
+    call it: (out, last state).
 
     u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,)
     or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
-    step. All in one floating dtype (float32 or float64). Without autograd (acting) the kernel is called directly.
-    `check=False` skips `check_rows` (4% of a 1-env action's latency): for callers whose arguments are built from the
-    model's own tensors every step, as recurrent acting's are.
+    step; delta_proj (d, R), with delta (rows, L, R). All in one floating dtype (float32 or float64). Without
+    autograd (acting) the kernel is called directly. `check=False` skips `check_rows` (4% of a 1-env action's
+    latency): for callers whose arguments are built from the model's own tensors every call, as the mixer's and
+    recurrent acting's are.
     """
     if check:
-        check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk)
+        check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk, delta_proj)
     keep = None if keep is None else keep.to(u.dtype)[..., None]
     args = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0)):
-        return _CppScan.apply(*args, h0, None, keep, delta_softplus, chunk)
-    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, None, chunk, False)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0, delta_proj)):
+        return _CppScan.apply(*args, h0, delta_proj, keep, delta_softplus, chunk)
+    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, delta_proj, chunk, False)
     return out, last
 
 
@@ -238,9 +240,8 @@ def selective_scan_cpp(
     args = (batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
             batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype))
     proj = None if delta_proj is None else delta_proj.to(dtype)
-    check_rows(*args, None, None, chunk, proj)
-    keep = _segment_keep(u.shape[0], u.shape[-1], segment, dtype)
-    out, last = _CppScan.apply(*args, None, proj, keep, delta_softplus, chunk)
+    keep = segment_keep(u.shape[0], u.shape[-1], segment, u.device)
+    out, last = scan_rows(*args, delta_softplus=delta_softplus, keep=keep, chunk=chunk, delta_proj=proj)
     out = out.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
 
@@ -289,9 +290,9 @@ def _segment_steps(segment: int | None) -> int:
     return int(segment)
 
 
-def _segment_keep(batch: int, length: int, segment: int | None, dtype: torch.dtype) -> Tensor | None:
-    """keep (batch, L, 1) for the scan kernel: 0 at every window start (None when one window covers all L steps)."""
+def segment_keep(batch: int, length: int, segment: int | None, device=None) -> Tensor | None:
+    """`scan_rows`'s keep (batch, L) for windows of `segment` steps from the start: 0 at every window start (None
+    when one window covers all L steps)."""
     if segment is None or _segment_steps(segment) >= length:
         return None
-    keep = (torch.arange(length) % segment != 0).to(dtype)
-    return keep[None, :, None].expand(batch, length, 1)
+    return (torch.arange(length, device=device) % segment != 0).expand(batch, length)
