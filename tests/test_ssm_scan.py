@@ -140,7 +140,7 @@ def test_delta_proj_equals_projecting_first(backend, segment):
         args = dict(x)
         if name == "ref":  # the product taken here, by hand; windows as separate sequences
             args["delta"] = torch.einsum("dr,brl->bdl", args.pop("delta_proj"), args["delta"])
-        if segment is not None and name not in ("cpp",):
+        if segment is not None and name != "cpp":
             out = torch.cat([selective_scan(**{k: v[..., i:i + segment] if v.dim() == 3 and k != "delta_proj" else v
                                                for k, v in args.items()}, delta_softplus=True, backend=name)
                              for i in range(0, 23, segment)], dim=-1)

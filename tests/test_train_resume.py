@@ -75,7 +75,7 @@ def test_compiled_training_matches_eager(hopper, tmp_path):
 
 
 def test_bf16_autocast_on_cpu(hopper, tmp_path):
-    """train.mixed_precision=bf16 on a CPU: bf16 autocast (1.3-1.5x faster steps where the CPU has AMX,
+    """train.mixed_precision=bf16 on a CPU: bf16 autocast (up to 1.5x faster steps where the CPU has AMX,
     benchmarks/RESULTS.md); losses near the float32 run's but not equal to them, parameters float32 in the export."""
     from mambadm.export import load_export
 
