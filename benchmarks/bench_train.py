@@ -8,8 +8,9 @@ vector (Hopper-shaped) data, the median of --steps steps of each model taken alt
 on a shared machine), the DT's width chosen so its parameter count is closest to MambaDM's; both models built by
 ``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
-memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up
-steps pay the compilation). Every number is measured in this run, side by side.
+memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both
+models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up steps pay the
+compilation). Every number is measured in this run, side by side.
 """
 from __future__ import annotations
 

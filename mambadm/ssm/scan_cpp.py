@@ -9,7 +9,8 @@ vectorise the per-channel `exp` / `log1p` calls; the linked library does not cha
 mode), plus the vector ISA torch detects on this CPU. The ISA is part of the extension's name, so machines sharing
 one cache never load a build made for another CPU. On Linux also -fopenmp: `at::parallel_for` is a header template
 compiled into the extension, and without OpenMP it runs every row on the calling thread (the kernels ignored
-`torch.set_num_threads`); the extension then uses the OpenMP runtime torch has already loaded (same soname).
+`torch.set_num_threads`). Where torch ships its libgomp under the system's soname (libgomp.so.1, as the CPU
+wheels used here do) the extension binds to the runtime torch has already loaded: one thread pool.
 """
 from __future__ import annotations
 
