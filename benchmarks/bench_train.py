@@ -2,6 +2,7 @@
 streaming real shards vs reusing one in-memory batch.
 
     python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120] [--compile]
+                                     [--bf16]
 
 Table 1: samples/s and tokens/s of full training steps (forward, loss, backward, AdamW step) on in-memory batches of
 vector (Hopper-shaped) data, the median of --steps steps of each model taken alternately (so both see the same load
@@ -10,7 +11,8 @@ on a shared machine), the DT's width chosen so its parameter count is closest to
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
 memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both
 models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up steps pay the
-compilation). Every number is measured in this run, side by side.
+compilation). --bf16: table 1's forward passes under bf16 autocast, what `train.mixed_precision=bf16` does on a
+CPU (worth it where the CPU has AMX). Every number is measured in this run, side by side.
 """
 from __future__ import annotations
 
@@ -55,10 +57,11 @@ def matched_dt_width(mamba_params: int, base: list[str], spec) -> int:
     return best[0]
 
 
-def train_step(model, opt, batch) -> float:
-    """Seconds for one full training step: forward, loss, backward, optimizer step."""
+def train_step(model, opt, batch, bf16: bool = False) -> float:
+    """Seconds for one full training step: forward, loss (under bf16 autocast if asked), backward, optimizer step."""
     t = time.perf_counter()
-    loss, _ = model.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = model.loss(batch)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -80,14 +83,15 @@ def interleaved_feed_times(model, feeds: dict, steps: int, warmup: int = 2) -> d
     return times
 
 
-def interleaved_step_times(models: dict, batch, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved_step_times(models: dict, batch, steps: int, warmup: int = 2, bf16: bool = False
+                           ) -> dict[str, list[float]]:
     """Seconds per training step of each model, their steps alternating, so that every model sees the same load."""
     opts = {name: make_optimizer(model, load_config(None, []).optim) for name, model in models.items()}
     times = {name: [] for name in models}
     for i in range(warmup + steps):
         for name, model in models.items():
             model.train()
-            elapsed = train_step(model, opts[name], batch)
+            elapsed = train_step(model, opts[name], batch, bf16)
             if i >= warmup:
                 times[name].append(elapsed)
     return times
@@ -107,6 +111,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="compile both models (train.compile=true) in table 1")
+    p.add_argument("--bf16", action="store_true", help="table 1 under bf16 autocast (train.mixed_precision=bf16)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (on a shared box, threads beyond the free cores make every op wait)")
     args = p.parse_args()
@@ -117,7 +122,7 @@ def main() -> None:
         index = D.read_index(shards)
         spec = spec_from_dict(index["env_spec"])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}"
-              f"{'; both models compiled' if args.compile else ''}")
+              f"{'; both models compiled' if args.compile else ''}{'; table 1 in bf16 autocast' if args.bf16 else ''}")
         if args.contexts:
             print("\n| K | MambaDM params | DT params (d_model) | MambaDM samples/s | DT samples/s | MambaDM tokens/s "
               "| DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|")
@@ -132,7 +137,7 @@ def main() -> None:
             if args.compile:
                 mamba.compile()
                 dt.compile()
-            times = interleaved_step_times({"mambadm": mamba, "dt": dt}, batch, args.steps)
+            times = interleaved_step_times({"mambadm": mamba, "dt": dt}, batch, args.steps, bf16=args.bf16)
             rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
             tok = 3 * k
             print(f"| {k} | {mamba.num_params():,} | {dt.num_params():,} ({d_dt}) | {rate['mambadm']:.1f} | "

@@ -285,3 +285,67 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     os.utime(lock, (old, old))
     scan_cpp._clear_stale_lock("mambadm_cpu_test")
     assert not lock.exists()
+
+
+@pytest.mark.skipif(cpp_missing() is not None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("segment", [None, 4])
+def test_cpp_conv_bfloat16_equals_float32_on_the_same_values(segment):
+    """A bfloat16 x is convolved in float32 and returned as bfloat16 (as are its gradient); weight and bias stay
+    float32 with float32 gradients."""
+    g = torch.Generator().manual_seed(2)
+    conv = torch.nn.Conv1d(24, 24, 4, groups=24, padding=3)
+    x = torch.randn(3, 19, 24, generator=g).bfloat16()
+    grad_out = torch.randn(3, 19, 24, generator=g).bfloat16()
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        xi = x.detach().to(dtype).requires_grad_()
+        conv.zero_grad()
+        y = causal_conv_silu_cpp(xi, conv.weight, conv.bias, segment)
+        y.backward(grad_out.to(dtype))
+        results[dtype] = (y, xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone())
+    (y_bf, gx_bf, gw_bf, gb_bf), (y_f, gx_f, gw_f, gb_f) = results[torch.bfloat16], results[torch.float32]
+    assert y_bf.dtype == gx_bf.dtype == torch.bfloat16 and gw_bf.dtype == torch.float32
+    assert torch.equal(y_bf, y_f.bfloat16())
+    slack = gx_f.abs() * 2.0**-7 + gx_f.abs().max() * 1e-6  # one bfloat16 step: float sums rounded apart
+    assert bool(((gx_bf.float() - gx_f).abs() <= slack).all())
+    torch.testing.assert_close(gw_bf, gw_f, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb_bf, gb_f, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(cpp_missing() is not None, reason="no C++ compiler for the CPU kernels")
+def test_cpp_mixer_under_bf16_autocast_passes_bfloat16_and_is_as_accurate_as_ref(monkeypatch):
+    """Under bf16 autocast the projections' bfloat16 outputs go into the kernels without casts; the result is as
+    close to the float32 computation as the reference backend's under the same autocast, and the parameters get
+    float32 gradients."""
+    import mambadm.ssm.mixer as mixer_module
+
+    seen = []
+    real_scan_rows = mixer_module.scan_rows
+
+    def spy(u, *args, **kwargs):
+        seen.append(u.dtype)
+        return real_scan_rows(u, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module, "scan_rows", spy)
+    torch.manual_seed(5)
+    models = {name: Mamba(48, d_state=16, backend=name) for name in ("ref", "cpp")}
+    models["cpp"].load_state_dict(models["ref"].state_dict())
+    x, grad = torch.randn(3, 40, 48), torch.randn(3, 40, 48)
+    results = {}
+    for name, m in models.items():
+        for bf16 in (False, True):
+            m.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = m(x, segment=12)
+            y.float().backward(grad)
+            results[name, bf16] = (y.float(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    assert seen == [torch.float32, torch.bfloat16]
+    assert all(p.grad.dtype == torch.float32 for p in models["cpp"].parameters())
+    exact_y, exact_grads = results["ref", False]
+    for name in ("ref", "cpp"):
+        assert _rel(results[name, False][0], exact_y) < 1e-5
+    err = {name: _rel(results[name, True][0], exact_y) for name in ("ref", "cpp")}
+    assert 0 < err["cpp"] < 2e-2 and err["cpp"] < 2 * err["ref"], err
+    for k, g in exact_grads.items():
+        g_err = {name: _rel(results[name, True][1][k], g) for name in ("ref", "cpp")}
+        assert g_err["cpp"] < 5e-2 and g_err["cpp"] < 2 * g_err["ref"] + 1e-3, (k, g_err)

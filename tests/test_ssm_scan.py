@@ -242,7 +242,10 @@ def test_cpp_rows_bad_arguments_are_value_errors_naming_them():
     cases = [
         (dict(delta=torch.randn(4, 6, 5)), r"delta must have shape \(4, 7, 5\), got \(4, 6, 5\)"),
         (dict(A=-torch.rand(3, 5, 16)), r"A must be \(groups dividing rows, d_inner, d_state\), got \(3, 5, 16\)"),
-        (dict(B=n.double()), r"B has dtype torch.float64, expected torch.float32"),
+        (dict(B=n.double()), r"B has dtype torch.float64, expected u's torch.float32"),
+        (dict(u=u.bfloat16(), delta=u.bfloat16(), B=n.bfloat16(), C=n.bfloat16(), A=A.bfloat16()),
+         r"A has dtype torch.bfloat16, expected torch.float32 \(the compute dtype of u's torch.bfloat16\)"),
+        (dict(u=u.half()), r"u must be float32, float64 or bfloat16, got torch.float16"),
         (dict(keep=torch.ones(4, 6)), r"keep must have shape \(4, 7\)"),
         (dict(chunk=0), r"chunk must be positive, got 0"),
     ]
@@ -268,3 +271,46 @@ def test_cpp_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+def _within_one_bf16_ulp(got: torch.Tensor, want_f32: torch.Tensor) -> bool:
+    """got (bfloat16) is want (float32) rounded to bfloat16, give or take one bfloat16 step where the two float32
+    computations, compiled separately, round the last bit differently."""
+    assert got.dtype == torch.bfloat16
+    slack = want_f32.abs() * 2.0**-7 + want_f32.abs().max() * 1e-6
+    return bool(((got.float() - want_f32).abs() <= slack).all())
+
+
+@pytest.mark.parametrize("segment", [None, 9])
+def test_cpp_bfloat16_sequences_equal_float32_on_the_same_values(segment):
+    """bf16 autocast hands the kernels bfloat16 u, delta, B, C, z: read exactly, computed in float32, results and
+    sequence gradients written as bfloat16; parameters (float32) get float32 gradients. So a bfloat16 call equals a
+    float32 call on the same (upcast) values, its sequence results rounded."""
+    rows, length, d_inner = 6, 37, 40
+    x = _low_rank_delta(_inputs(rows, d_inner, 16, length, seed=4), rank=5, seed=5)
+    seq = ("u", "delta", "B", "C", "z")
+    rowwise = {k: x[k].detach().transpose(1, 2).bfloat16() for k in seq}  # (rows, L, channels), bf16 values
+    params = {k: x[k].detach() for k in ("D", "delta_bias", "delta_proj")} | {"A": x["A"].detach()[None]}
+    keep = None if segment is None else (torch.arange(length) % segment != 0).expand(rows, length)
+    grad_out = torch.randn(rows, length, d_inner, generator=torch.Generator().manual_seed(6)).bfloat16()
+
+    def run(seq_dtype):
+        s = {k: v.detach().to(seq_dtype).requires_grad_() for k, v in rowwise.items()}
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        out, last = scan_rows(s["u"], s["delta"], p["A"], s["B"], s["C"], p["D"], s["z"], p["delta_bias"],
+                              delta_softplus=True, keep=keep, delta_proj=p["delta_proj"], chunk=16)
+        out.backward(grad_out.to(seq_dtype))
+        return out, last, s, p
+
+    out_bf, last_bf, s_bf, p_bf = run(torch.bfloat16)
+    out_f, last_f, s_f, p_f = run(torch.float32)
+    assert out_bf.dtype == torch.bfloat16 and last_bf.dtype == torch.float32
+    assert torch.equal(out_bf, out_f.bfloat16())
+    torch.testing.assert_close(last_bf, last_f, rtol=1e-6, atol=1e-6)
+    for k in seq:
+        assert s_bf[k].grad.dtype == torch.bfloat16, k
+        assert _within_one_bf16_ulp(s_bf[k].grad, s_f[k].grad), k
+    for k in params:
+        assert p_bf[k].grad.dtype == torch.float32, k
+        scale = p_f[k].grad.abs().max().item()  # sums over rows and steps, some near-cancelling
+        torch.testing.assert_close(p_bf[k].grad, p_f[k].grad, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{k}: {m}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambadm.ssm.backends import BACKENDS, SEGMENTED, resolve_backend, selective_scan
-from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, scan_rows, segment_keep
+from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, io_dtype, scan_rows, segment_keep
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda
 from mambadm.ssm.scan_ref import compute_dtype, project_delta
 
@@ -220,18 +220,20 @@ class Mamba(nn.Module):
                 _at_least_f32(self.D), z=z.transpose(1, 2), delta_bias=_at_least_f32(self.dt_proj.bias),
                 delta_softplus=True, backend=backend, segment=segment, delta_proj=self.dt_proj.weight,
             ).transpose(1, 2)
-        return self.out_proj(y.to(x.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast out_proj casts y itself
+            y = y.to(x.dtype)
+        return self.out_proj(y)
 
     def _scan_cpp(self, u: Tensor, z: Tensor, dt: Tensor, B: Tensor, C: Tensor, segment: int | None) -> Tensor:
         """The `cpp` scan on the batch-first tensors as they are (the kernel's own layout): no transposed views in
         and out, so autograd adds the two gradients of u (from x_proj and from the scan) in place, and no argument
         checks (the tensors are the module's own): ~4% of a K=8 training step at d_model 64, 0-2.6% at K=30, nothing
         measurable at d_model 128, against the `selective_scan` entry point (A/B in one process,
-        benchmarks/RESULTS.md)."""
-        dtype = compute_dtype(u)
+        benchmarks/RESULTS.md). bfloat16 tensors (bf16 autocast) go in and come out as they are."""
+        io, dtype = io_dtype(u), compute_dtype(u)
         y, _ = scan_rows(
-            u.to(dtype), dt.to(dtype), self.A_continuous().to(dtype)[None], B.to(dtype), C.to(dtype),
-            self.D.to(dtype), z.to(dtype), self.dt_proj.bias.to(dtype), delta_softplus=True,
+            u.to(io), dt.to(io), self.A_continuous().to(dtype)[None], B.to(io), C.to(io),
+            self.D.to(dtype), z.to(io), self.dt_proj.bias.to(dtype), delta_softplus=True,
             keep=segment_keep(u.shape[0], u.shape[1], segment, u.device), check=False,
             delta_proj=self.dt_proj.weight.to(dtype),
         )

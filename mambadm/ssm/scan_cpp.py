@@ -11,6 +11,11 @@ one cache never load a build made for another CPU. On Linux also -fopenmp: `at::
 compiled into the extension, and without OpenMP it runs every row on the calling thread (the kernels ignored
 `torch.set_num_threads`). Where torch ships its libgomp under the system's soname (libgomp.so.1, as the CPU
 wheels used here do) the extension binds to the runtime torch has already loaded: one thread pool.
+
+Dtypes: the sequence tensors (u, delta, B, C, z, the output and their gradients) are float32, float64 or bfloat16;
+the kernels compute in float32 for bfloat16 (float64 for float64), and parameters, states and parameter gradients
+are in that compute dtype. So under bf16 autocast the projections' bfloat16 outputs go in and come out without a
+cast (`io_dtype`).
 """
 from __future__ import annotations
 
@@ -110,6 +115,15 @@ def cpp_missing() -> str | None:
             return str(_state["error"])
 
 
+KERNEL_IO_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def io_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the kernels read and write t's sequence tensors in: t's own when they support it, else the compute
+    dtype (float16 is cast to float32)."""
+    return t.dtype if t.dtype in KERNEL_IO_DTYPES else compute_dtype(t)
+
+
 def _ops():
     missing = cpp_missing()
     if missing is not None:
@@ -164,14 +178,15 @@ def scan_rows(
 
     u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,)
     or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
-    step; delta_proj (d, R), with delta (rows, L, R). All in one floating dtype (float32 or float64). Without
-    autograd (acting) the kernel is called directly. `check=False` skips `check_rows` (4% of a 1-env action's
-    latency): for callers whose arguments are built from the model's own tensors every call, as the mixer's and
-    recurrent acting's are.
+    step; delta_proj (d, R), with delta (rows, L, R). u, delta, B, C, z in one dtype (float32, float64 or
+    bfloat16); A, D, delta_bias, h0, delta_proj in its compute dtype (float32 for bfloat16); out in u's dtype, the
+    last state in the compute dtype. Without autograd (acting) the kernel is called directly. `check=False` skips
+    `check_rows` (4% of a 1-env action's latency): for callers whose arguments are built from the model's own
+    tensors every call, as the mixer's and recurrent acting's are.
     """
     if check:
         check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk, delta_proj)
-    keep = None if keep is None else keep.to(u.dtype)[..., None]
+    keep = None if keep is None else keep.to(compute_dtype(u))[..., None]
     args = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0, delta_proj)):
         return _CppScan.apply(*args, h0, delta_proj, keep, delta_softplus, chunk)
@@ -194,6 +209,8 @@ def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
         fail(f"tensors must be on the CPU, got {u.device}")
     if u.dim() != 3:
         fail(f"u must be (rows, L, d_inner), got {tuple(u.shape)}")
+    if u.dtype not in KERNEL_IO_DTYPES:
+        fail(f"u must be float32, float64 or bfloat16, got {u.dtype}")
     rows, length, d_inner = u.shape
     if A.dim() != 3 or A.shape[1] != d_inner or A.shape[0] == 0 or rows % A.shape[0]:
         fail(f"A must be (groups dividing rows, d_inner, d_state), got {tuple(A.shape)}")
@@ -210,10 +227,12 @@ def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) not in ((d_inner,), (groups, d_inner)):
             fail(f"{name} must have shape ({d_inner}) or ({groups}, {d_inner}), got {tuple(t.shape)}")
-    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias),
-                    ("h0", h0), ("delta_proj", delta_proj)):
+    for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype != u.dtype:
-            fail(f"{name} has dtype {t.dtype}, expected {u.dtype}")
+            fail(f"{name} has dtype {t.dtype}, expected u's {u.dtype}")
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias), ("h0", h0), ("delta_proj", delta_proj)):
+        if t is not None and t.dtype != compute_dtype(u):
+            fail(f"{name} has dtype {t.dtype}, expected {compute_dtype(u)} (the compute dtype of u's {u.dtype})")
     if chunk <= 0:
         fail(f"chunk must be positive, got {chunk}")
 
@@ -270,7 +289,8 @@ def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None, segment
     """silu(`causal_depthwise_conv(x, weight, bias)`) in one kernel: x (batch, L, channels) of any strides.
 
     With `segment`, the time axis is cut into windows of `segment` steps from its start and each window is
-    convolved as its own sequence (zeros before its first step).
+    convolved as its own sequence (zeros before its first step). A bfloat16 x is read and returned as it is (the
+    kernel computes in float32, weight and bias taken in float32).
     """
     if x.device.type != "cpu" or x.dim() != 3:
         raise ValueError(f"causal_conv_silu_cpu: x must be a CPU tensor (rows, L, channels), got {tuple(x.shape)} "
@@ -278,9 +298,9 @@ def causal_conv_silu_cpp(x: Tensor, weight: Tensor, bias: Tensor | None, segment
     if weight.dim() != 3 or weight.shape[:2] != (x.shape[2], 1) or (bias is not None and bias.shape != (x.shape[2],)):
         raise ValueError(f"causal_conv_silu_cpu: weight must be ({x.shape[2]}, 1, K) and bias ({x.shape[2]},), got "
                          f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
-    dtype = compute_dtype(x)
+    io, dtype = io_dtype(x), compute_dtype(x)
     bias = None if bias is None else bias.to(dtype)
-    return _CppConv.apply(x.to(dtype), weight.to(dtype), bias, _segment_steps(segment)).to(x.dtype)
+    return _CppConv.apply(x.to(io), weight.to(dtype), bias, _segment_steps(segment)).to(x.dtype)
 
 
 def _segment_steps(segment: int | None) -> int:

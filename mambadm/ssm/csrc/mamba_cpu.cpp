@@ -65,6 +65,18 @@ inline int64_t row_grain(int64_t elements_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
 }
 
+// Sequence tensors (u, delta, B, C, z, the output and all their gradients) are float32, float64 or bfloat16 (IO);
+// the kernels compute in T (float for bfloat16, else IO's own type) and keep parameters (A, D, delta_bias,
+// delta_proj, the conv's taps and bias), states and parameter gradients in T. bfloat16 values are read exactly and
+// written rounded to nearest even, as torch's casts do, so a bfloat16 call equals a float32 call on the same values
+// with its sequence results cast to bfloat16 (under bf16 autocast the casts around the kernels were ~12% of a step).
+template <typename T>
+inline T to_compute(T v) { return v; }
+inline float to_compute(at::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename IO, typename T>
+inline IO to_io(T v) { return static_cast<IO>(v); }
+
 template <typename T>
 struct View3 {  // a (rows, steps, channels) view whose channels are contiguous
   const T* data = nullptr;
@@ -120,25 +132,25 @@ struct Args {
 // `proj_t` (R, nd) when delta holds the R low-rank step sizes per step (see delta_proj above), else null.
 // Optional terms are switched outside the vector loops, never inside: a select in a vectorised loop evaluates
 // both sides, and the side that is not taken can produce denormals that slow every later operation 3-4x.
-template <typename T>
-void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, const T* proj_t, int64_t R, bool sp,
+template <typename T, typename IO>
+void step_terms(const View3<IO>& u, const View3<IO>& delta, const T* bias, const T* proj_t, int64_t R, bool sp,
                 int64_t b, int64_t s, int64_t len, int64_t nd, int64_t ld, T* dl, T* x, T* sig) {
   for (int64_t j = 0; j < len; ++j) {
-    const T* up = u.row(b, s + j);
-    const T* dp = delta.row(b, s + j);
+    const IO* up = u.row(b, s + j);
+    const IO* dp = delta.row(b, s + j);
     T* dlj = dl + j * ld;  // delta + bias first, then delta'
     T* xj = x + j * ld;
     if (proj_t) {
       std::copy(bias, bias + nd, dlj);
       for (int64_t r = 0; r < R; ++r) {
-        const T dr = dp[r];
+        const T dr = to_compute(dp[r]);
         const T* wr = proj_t + r * nd;
 #pragma omp simd
         for (int64_t i = 0; i < nd; ++i) dlj[i] += dr * wr[i];
       }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < nd; ++i) dlj[i] = dp[i] + bias[i];
+      for (int64_t i = 0; i < nd; ++i) dlj[i] = to_compute(dp[i]) + bias[i];
     }
     if (sp && sig) {  // softplus and its derivative sigmoid from one exp: log1p(e) and e / (1 + e)
       T* sj = sig + j * ld;
@@ -149,19 +161,36 @@ void step_terms(const View3<T>& u, const View3<T>& delta, const T* bias, const T
         sj[i] = e / (T(1) + e);
         const T v = pre > T(20) ? pre : std::log1p(e);
         dlj[i] = v;
-        xj[i] = v * up[i];
+        xj[i] = v * to_compute(up[i]);
       }
     } else if (sp) {
 #pragma omp simd
       for (int64_t i = 0; i < nd; ++i) {
         const T v = softplus(dlj[i]);
         dlj[i] = v;
-        xj[i] = v * up[i];
+        xj[i] = v * to_compute(up[i]);
       }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < nd; ++i) xj[i] = dlj[i] * up[i];
+      for (int64_t i = 0; i < nd; ++i) xj[i] = dlj[i] * to_compute(up[i]);
     }
+  }
+}
+
+// Steps [s, s + len) of row b of B or C, (len, n) with row stride `ld` on return: the tensor itself when it holds
+// T, else converted into buf (the state loops read B and C per state, as broadcast scalars of type T).
+template <typename T, typename IO>
+const T* steps_as_compute(const View3<IO>& v, int64_t b, int64_t s, int64_t len, int64_t n, T* buf, int64_t& ld) {
+  if constexpr (std::is_same_v<IO, T>) {
+    ld = v.s1;
+    return v.row(b, s);
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const IO* src = v.row(b, s + j);
+      for (int64_t i = 0; i < n; ++i) buf[j * n + i] = to_compute(src[i]);
+    }
+    ld = n;
+    return buf;
   }
 }
 
@@ -293,23 +322,24 @@ inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, cons
 
 // NS: d_state known at compile time (16, the default, lets the compiler unroll the state loops), or 0: any.
 // save_starts: keep the state at every chunk start (lane layout) for the backward; off when no gradient is needed.
-template <typename T, int64_t NS>
+template <typename T, typename IO, int64_t NS>
 std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = (L + chunk - 1) / chunk;
   const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
-  auto opts = a.u.options();
-  at::Tensor out = at::empty({rows, L, Dn}, opts);
+  auto opts = a.A.options();  // T
+  at::Tensor out = at::empty({rows, L, Dn}, a.u.options());
   at::Tensor last = at::empty({rows, Dn, N}, opts);
   at::Tensor starts = save_starts ? at::empty({rows, std::max<int64_t>(n_chunks, 1), N * Dp}, opts)
                                   : at::empty({0}, opts);
-  View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), z, keep;
-  if (a.z.defined()) z = View3<T>(a.z);
+  View3<IO> u(a.u), delta(a.delta), B(a.B), C(a.C), z;
+  View3<T> keep;
+  if (a.z.defined()) z = View3<IO>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const GroupParams<T> groups(a, Dp);
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
-  T* o = out.data_ptr<T>();
+  IO* o = out.data_ptr<IO>();
   T* lst = last.data_ptr<T>();
   T* st = save_starts ? starts.data_ptr<T>() : nullptr;
   const bool sp = a.softplus;
@@ -319,6 +349,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   at::parallel_for(0, rows, row_grain(L * Dp * N), [&](int64_t r0, int64_t r1) {
     const int64_t T_max = std::min(chunk, L);
     std::vector<T> h(N * Dp), dl(T_max * Dp, T(0)), x(T_max * Dp, T(0)), y(T_max * Dp);
+    std::vector<T> B_buf(std::is_same_v<IO, T> ? 0 : T_max * N), C_buf(B_buf.size());
     for (int64_t b = r0; b < r1; ++b) {
       std::fill(h.begin(), h.end(), T(0));
       if (h0) to_lanes(h0 + b * Dn * N, Dn, N, h.data());
@@ -327,9 +358,12 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
         step_terms(u, delta, bias, proj, R, sp, b, s, len, Dn, Dp, dl.data(), x.data(), static_cast<T*>(nullptr));
+        int64_t ldB, ldC;
+        const T* Bs = steps_as_compute(B, b, s, len, N, B_buf.data(), ldB);
+        const T* Cs = steps_as_compute(C, b, s, len, N, C_buf.data(), ldC);
         for (int64_t j = 0; j < len; ++j) {
-          const T* Bp = B.row(b, s + j);
-          const T* Cp = C.row(b, s + j);
+          const T* Bp = Bs + j * ldB;
+          const T* Cp = Cs + j * ldC;
           const T k = keep ? keep.row(b, s + j)[0] : T(1);
           for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t o = j * Dp + blk * kLanes;
@@ -338,16 +372,19 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
                                  static_cast<T*>(nullptr), y.data() + o);
           }
           // out = (y + D u) * silu(z), vectorised over channels
-          const T* up = u.row(b, s + j);
-          const T* zp = z ? z.row(b, s + j) : nullptr;
+          const IO* up = u.row(b, s + j);
+          const IO* zp = z ? z.row(b, s + j) : nullptr;
           const T* yj = y.data() + j * Dp;
-          T* oj = o + (b * L + s + j) * Dn;
+          IO* oj = o + (b * L + s + j) * Dn;
           if (zp) {
 #pragma omp simd
-            for (int64_t d = 0; d < Dn; ++d) oj[d] = (yj[d] + Dv[d] * up[d]) * zp[d] * sigmoid(zp[d]);
+            for (int64_t d = 0; d < Dn; ++d) {
+              const T zd = to_compute(zp[d]);
+              oj[d] = to_io<IO>((yj[d] + Dv[d] * to_compute(up[d])) * zd * sigmoid(zd));
+            }
           } else {
 #pragma omp simd
-            for (int64_t d = 0; d < Dn; ++d) oj[d] = yj[d] + Dv[d] * up[d];
+            for (int64_t d = 0; d < Dn; ++d) oj[d] = to_io<IO>(yj[d] + Dv[d] * to_compute(up[d]));
           }
         }
       }
@@ -357,35 +394,36 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   return {out, last, starts};
 }
 
-template <typename T, int64_t NS>
+template <typename T, typename IO, int64_t NS>
 std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, const at::Tensor& grad_out_t,
                                       const std::optional<at::Tensor>& grad_last) {
   const int64_t rows = a.u.size(0), L = a.u.size(1), Dn = a.u.size(2);
   const int64_t N = NS ? NS : a.A.size(2);
   const int64_t chunk = a.chunk, n_chunks = starts.size(1);
   const int64_t n_blocks = (Dn + kLanes - 1) / kLanes, Dp = n_blocks * kLanes;
-  auto opts = a.u.options();
+  auto opts = a.A.options(), io_opts = a.u.options();  // T, IO
   const T* proj = a.proj_t.defined() ? a.proj_t.data_ptr<T>() : nullptr;
   const int64_t R = proj ? a.proj_t.size(0) : 0;
-  at::Tensor g_u = at::empty({rows, L, Dn}, opts), g_delta = at::empty({rows, L, proj ? R : Dn}, opts);
+  at::Tensor g_u = at::empty({rows, L, Dn}, io_opts), g_delta = at::empty({rows, L, proj ? R : Dn}, io_opts);
   // the gradient of delta_proj as (R, d_inner) per row, summed over rows by the caller; empty without delta_proj
   at::Tensor g_proj_rows = at::zeros({proj ? rows : 0, R, Dn}, opts);
-  at::Tensor g_B = at::empty({rows, L, N}, opts), g_C = at::empty({rows, L, N}, opts);
-  at::Tensor g_z = a.z.defined() ? at::empty({rows, L, Dn}, opts) : at::Tensor();
+  at::Tensor g_B = at::empty({rows, L, N}, io_opts), g_C = at::empty({rows, L, N}, io_opts);
+  at::Tensor g_z = a.z.defined() ? at::empty({rows, L, Dn}, io_opts) : at::Tensor();
   at::Tensor g_A_rows = at::empty({rows, Dn, N}, opts);  // summed over rows by the caller
   at::Tensor g_D_rows = at::zeros({rows, Dn}, opts);     // idem
   at::Tensor g_bias_rows = at::zeros({rows, Dn}, opts);  // idem
   at::Tensor g_h0 = at::empty({rows, Dn, N}, opts);
   const at::Tensor g_last = grad_last.has_value() ? grad_last->contiguous() : at::Tensor();
 
-  View3<T> u(a.u), delta(a.delta), B(a.B), C(a.C), go(grad_out_t), z, keep;
-  if (a.z.defined()) z = View3<T>(a.z);
+  View3<IO> u(a.u), delta(a.delta), B(a.B), C(a.C), go(grad_out_t), z;
+  View3<T> keep;
+  if (a.z.defined()) z = View3<IO>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
   const GroupParams<T> groups(a, Dp);
   const T* st = starts.data_ptr<T>();
   const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
-  T *gu = g_u.data_ptr<T>(), *gdelta = g_delta.data_ptr<T>(), *gB = g_B.data_ptr<T>(), *gC = g_C.data_ptr<T>();
-  T* gz = g_z.defined() ? g_z.data_ptr<T>() : nullptr;
+  IO *gu = g_u.data_ptr<IO>(), *gdelta = g_delta.data_ptr<IO>(), *gB = g_B.data_ptr<IO>(), *gC = g_C.data_ptr<IO>();
+  IO* gz = g_z.defined() ? g_z.data_ptr<IO>() : nullptr;
   T *gA = g_A_rows.data_ptr<T>(), *gD = g_D_rows.data_ptr<T>(), *gbias = g_bias_rows.data_ptr<T>();
   T* gh0 = g_h0.data_ptr<T>();
   T* gproj = proj ? g_proj_rows.data_ptr<T>() : nullptr;
@@ -399,7 +437,9 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     // over states gx = sum_n g B and ga = sum_n g a h_prev A that the per-channel epilogue needs
     std::vector<T> y(T_max * Dp, T(0)), gy(T_max * Dp, T(0)), gx(T_max * Dp, T(0)), ga(T_max * Dp, T(0));
     std::vector<T> gB_lanes(T_max * NL), gC_lanes(T_max * NL);  // per-lane partial sums of dB, dC
-    std::vector<T> g_pre_buf(proj ? Dn : 0);  // d(delta + bias) of one step, projected back to the R inputs
+    // d(delta + bias) of one step: projected back to the R inputs (delta_proj), or converted to IO
+    std::vector<T> g_pre_buf(proj || !std::is_same_v<IO, T> ? Dn : 0);
+    std::vector<T> B_buf(std::is_same_v<IO, T> ? 0 : T_max * N), C_buf(B_buf.size());
     for (int64_t b = r0; b < r1; ++b) {
       const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
@@ -408,27 +448,32 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         step_terms(u, delta, bias, proj, R, sp, b, s, len, Dn, Dp, dl.data(), x.data(), sig.data());
+        int64_t ldB, ldC;
+        const T* Bs = steps_as_compute(B, b, s, len, N, B_buf.data(), ldB);
+        const T* Cs = steps_as_compute(C, b, s, len, N, C_buf.data(), ldC);
         // gy = d out / dy = g_out * silu(z) (or g_out), and dD += gy u: vectorised over all channels at once
         for (int64_t j = 0; j < len; ++j) {
           const int64_t t = s + j;
-          const T* up = u.row(b, t);
-          const T* gop = go.row(b, t);
+          const IO* up = u.row(b, t);
+          const IO* gop = go.row(b, t);
           T* gyj = gy.data() + j * Dp;
           T* gDb = gD + b * Dn;
           if (z) {
-            const T* zp = z.row(b, t);
+            const IO* zp = z.row(b, t);
             T* szj = sz.data() + j * Dp;
 #pragma omp simd
             for (int64_t d = 0; d < Dn; ++d) {
-              const T sg = sigmoid(zp[d]);
+              const T zd = to_compute(zp[d]);
+              const T sg = sigmoid(zd);
               szj[d] = sg;
-              gyj[d] = gop[d] * zp[d] * sg;
+              gyj[d] = to_compute(gop[d]) * zd * sg;
             }
           } else {
-            std::copy(gop, gop + Dn, gyj);
+#pragma omp simd
+            for (int64_t d = 0; d < Dn; ++d) gyj[d] = to_compute(gop[d]);
           }
 #pragma omp simd
-          for (int64_t d = 0; d < Dn; ++d) gDb[d] += gyj[d] * up[d];
+          for (int64_t d = 0; d < Dn; ++d) gDb[d] += gyj[d] * to_compute(up[d]);
         }
         std::fill(gB_lanes.begin(), gB_lanes.begin() + len * NL, T(0));
         std::fill(gC_lanes.begin(), gC_lanes.begin() + len * NL, T(0));
@@ -439,16 +484,16 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           std::copy(h_start, h_start + NL, hbuf.begin());
           for (int64_t j = 0; j < len; ++j) {
             const T k = keep ? keep.row(b, s + j)[0] : T(1);
-            block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ab + d0, Dp, B.row(b, s + j),
-                                C.row(b, s + j), k, N, &hbuf[j * NL], &hbuf[(j + 1) * NL], &abuf[j * NL],
+            block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ab + d0, Dp, Bs + j * ldB,
+                                Cs + j * ldC, k, N, &hbuf[j * NL], &hbuf[(j + 1) * NL], &abuf[j * NL],
                                 &y[j * Dp + d0]);
           }
           // adjoint recurrence, backwards through the chunk
           T* cr = carry.data() + blk * NL;
           T* gAb = gA_acc.data() + blk * NL;
           for (int64_t j = len - 1; j >= 0; --j) {
-            const T* Bp = B.row(b, s + j);
-            const T* Cp = C.row(b, s + j);
+            const T* Bp = Bs + j * ldB;
+            const T* Cp = Cs + j * ldC;
             const T* dlj = dl.data() + j * Dp + d0;
             const T* xj = x.data() + j * Dp + d0;
             const T* gyj = &gy[j * Dp + d0];
@@ -484,61 +529,71 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
         // projected back to the R inputs and d delta_proj collects its outer product with them
         for (int64_t j = 0; j < len; ++j) {
           const int64_t t = s + j;
-          const T* up = u.row(b, t);
+          const IO* up = u.row(b, t);
           const T* dlj = dl.data() + j * Dp;
           const T* sj = sig.data() + j * Dp;
           const T *yj = y.data() + j * Dp, *gyj = gy.data() + j * Dp, *gxj = gx.data() + j * Dp;
           const T* gaj = ga.data() + j * Dp;
-          T* gup = gu + (b * L + t) * Dn;
-          T* gdp = proj ? g_pre_buf.data() : gdelta + (b * L + t) * Dn;
+          IO* gup = gu + (b * L + t) * Dn;
+          T* gdp;  // d(delta + bias): straight into g_delta when it is (rows, L, d_inner) of T
+          if constexpr (std::is_same_v<IO, T>) gdp = proj ? g_pre_buf.data() : gdelta + (b * L + t) * Dn;
+          else gdp = g_pre_buf.data();
           T* gbb = gbias + b * Dn;
           if (z) {
-            const T* gop = go.row(b, t);
-            const T* zp = z.row(b, t);
+            const IO* gop = go.row(b, t);
+            const IO* zp = z.row(b, t);
             const T* szj = sz.data() + j * Dp;
-            T* gzp = gz + (b * L + t) * Dn;
+            IO* gzp = gz + (b * L + t) * Dn;
 #pragma omp simd
             for (int64_t d = 0; d < Dn; ++d) {
-              const T sg = szj[d];
-              gzp[d] = gop[d] * (yj[d] + Dv[d] * up[d]) * sg * (T(1) + zp[d] * (T(1) - sg));
+              const T sg = szj[d], zd = to_compute(zp[d]);
+              gzp[d] = to_io<IO>(to_compute(gop[d]) * (yj[d] + Dv[d] * to_compute(up[d])) * sg *
+                                 (T(1) + zd * (T(1) - sg)));
             }
           }
 #pragma omp simd
           for (int64_t d = 0; d < Dn; ++d) {
-            gup[d] = gxj[d] * dlj[d] + gyj[d] * Dv[d];
-            const T g_pre = (gaj[d] + gxj[d] * up[d]) * sj[d];  // sj: the softplus derivative, or 1
+            gup[d] = to_io<IO>(gxj[d] * dlj[d] + gyj[d] * Dv[d]);
+            const T g_pre = (gaj[d] + gxj[d] * to_compute(up[d])) * sj[d];  // sj: the softplus derivative, or 1
             gdp[d] = g_pre;
             gbb[d] += g_pre;
           }
+          if constexpr (!std::is_same_v<IO, T>) {
+            if (!proj) {
+              IO* gdo = gdelta + (b * L + t) * Dn;
+#pragma omp simd
+              for (int64_t d = 0; d < Dn; ++d) gdo[d] = to_io<IO>(gdp[d]);
+            }
+          }
           if (proj) {
-            const T* dp = delta.row(b, t);
-            T* gdt = gdelta + (b * L + t) * R;
+            const IO* dp = delta.row(b, t);
+            IO* gdt = gdelta + (b * L + t) * R;
             for (int64_t r = 0; r < R; ++r) {
               const T* wr = proj + r * Dn;
               T* gwr = gproj + (b * R + r) * Dn;
-              const T dr = dp[r];
+              const T dr = to_compute(dp[r]);
               T acc = 0;
 #pragma omp simd reduction(+ : acc)
               for (int64_t d = 0; d < Dn; ++d) {
                 acc += gdp[d] * wr[d];
                 gwr[d] += gdp[d] * dr;
               }
-              gdt[r] = acc;
+              gdt[r] = to_io<IO>(acc);
             }
           }
         }
         // dB_t, dC_t: the per-lane partial sums added up
         for (int64_t j = 0; j < len; ++j) {
-          T* gBrow = gB + (b * L + s + j) * N;
-          T* gCrow = gC + (b * L + s + j) * N;
+          IO* gBrow = gB + (b * L + s + j) * N;
+          IO* gCrow = gC + (b * L + s + j) * N;
           for (int64_t n = 0; n < N; ++n) {
             T sb = 0, sc = 0;
             const T* pb = &gB_lanes[j * NL + n * kLanes];
             const T* pc = &gC_lanes[j * NL + n * kLanes];
 #pragma omp simd reduction(+ : sb, sc)
             for (int64_t i = 0; i < kLanes; ++i) { sb += pb[i]; sc += pc[i]; }
-            gBrow[n] = sb;
-            gCrow[n] = sc;
+            gBrow[n] = to_io<IO>(sb);
+            gCrow[n] = to_io<IO>(sc);
           }
         }
       }
@@ -549,32 +604,54 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   return {g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0, g_proj_rows};
 }
 
+// The compute type of a sequence dtype (see to_compute): float for bfloat16, else the dtype itself.
+at::ScalarType compute_type(at::ScalarType io) { return io == at::kBFloat16 ? at::kFloat : io; }
+
+// Runs f(T{}, IO{}) for the sequence dtype io: float32 / float64 (T = IO) or bfloat16 (T = float).
+template <typename F>
+void dispatch_io(at::ScalarType io, F&& f) {
+  switch (io) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(float{}, at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "mambadm_cpu: tensors must be float32, float64 or bfloat16, got ", io);
+  }
+}
+
 Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                const std::optional<at::Tensor>& delta_bias, bool softplus, const std::optional<at::Tensor>& h0,
                const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& delta_proj, int64_t chunk) {
   TORCH_CHECK(u.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU, got ", u.device());
   TORCH_CHECK(u.dim() == 3, "selective_scan_cpu: u must be (rows, L, d_inner), got ", u.sizes());
+  const at::ScalarType io = u.scalar_type(), ct = compute_type(io);
+  TORCH_CHECK(io == at::kFloat || io == at::kDouble || io == at::kBFloat16,
+              "selective_scan_cpu: u must be float32, float64 or bfloat16, got ", io);
   const int64_t rows = u.size(0), L = u.size(1), Dn = u.size(2);
   TORCH_CHECK(A.dim() == 3 && A.size(1) == Dn && rows % A.size(0) == 0,
               "selective_scan_cpu: A must be (groups dividing rows, d_inner, d_state), got ", A.sizes());
   const int64_t N = A.size(2);
-  auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  // sequence tensors in u's dtype, parameters, states and keep in the compute type
+  auto check_as = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
     TORCH_CHECK(t.sizes() == shape, "selective_scan_cpu: ", name, " must have shape ", shape, ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(),
-                ", expected ", u.scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(),
+                ", expected ", dtype);
+  };
+  auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) { check_as(t, name, shape, io); };
+  auto check_param = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    check_as(t, name, shape, ct);
   };
   if (delta_proj) {
     TORCH_CHECK(delta_proj->dim() == 2 && delta_proj->size(0) == Dn, "selective_scan_cpu: delta_proj must be (",
                 Dn, ", R), got ", delta_proj->sizes());
-    check(*delta_proj, "delta_proj", {Dn, delta_proj->size(1)});
+    check_param(*delta_proj, "delta_proj", {Dn, delta_proj->size(1)});
     check(delta, "delta", {rows, L, delta_proj->size(1)});
   } else {
     check(delta, "delta", {rows, L, Dn});
   }
   check(B, "B", {rows, L, N});
   check(C, "C", {rows, L, N});
-  check(A, "A", {A.size(0), Dn, N});
+  check_param(A, "A", {A.size(0), Dn, N});
   TORCH_CHECK(chunk > 0, "selective_scan_cpu: chunk must be positive");
   auto unit_inner = [](const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); };
   Args a{unit_inner(u), unit_inner(delta), A.contiguous(), unit_inner(B), unit_inner(C), {}, {}, {}, {}, {},
@@ -582,8 +659,8 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   const int64_t G = A.size(0);
   // D and delta_bias: (d_inner,) for all rows or (groups, d_inner); stored as (groups, d_inner)
   auto per_group = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(),
-                ", expected ", u.scalar_type());
+    TORCH_CHECK(t.scalar_type() == ct, "selective_scan_cpu: ", name, " has dtype ", t.scalar_type(), ", expected ",
+                ct);
     const bool shared = t.dim() == 1 && t.size(0) == Dn;
     const bool grouped = t.dim() == 2 && t.size(0) == G && t.size(1) == Dn;
     TORCH_CHECK(shared || grouped, "selective_scan_cpu: ", name, " must have shape (", Dn, ") or (", G, ", ", Dn,
@@ -593,8 +670,8 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   if (D) a.D = per_group(*D, "D");
   if (z) { check(*z, "z", {rows, L, Dn}); a.z = unit_inner(*z); }
   if (delta_bias) a.delta_bias = per_group(*delta_bias, "delta_bias");
-  if (h0) { check(*h0, "h0", {rows, Dn, N}); a.h0 = h0->contiguous(); }
-  if (keep) { check(*keep, "keep", {rows, L, 1}); a.keep = keep->contiguous(); }
+  if (h0) { check_param(*h0, "h0", {rows, Dn, N}); a.h0 = h0->contiguous(); }
+  if (keep) { check_param(*keep, "keep", {rows, L, 1}); a.keep = keep->contiguous(); }
   if (delta_proj) a.proj_t = delta_proj->t().contiguous();
   return a;
 }
@@ -607,9 +684,10 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                                      const std::optional<at::Tensor>& delta_proj, int64_t chunk, bool save_starts) {
   Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk);
   std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
-    result = a.A.size(2) == 16 ? forward_impl<scalar_t, 16>(a, save_starts)
-                               : forward_impl<scalar_t, 0>(a, save_starts);
+  dispatch_io(u.scalar_type(), [&](auto t, auto io) {
+    using T = decltype(t);
+    using IO = decltype(io);
+    result = a.A.size(2) == 16 ? forward_impl<T, IO, 16>(a, save_starts) : forward_impl<T, IO, 0>(a, save_starts);
   });
   return result;
 }
@@ -623,16 +701,22 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& starts, const at::Tensor& grad_out,
                                       const std::optional<at::Tensor>& grad_last) {
   Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk);
-  TORCH_CHECK(grad_out.sizes() == u.sizes(), "selective_scan_cpu: grad_out must match u, got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.scalar_type() == u.scalar_type(),
+              "selective_scan_cpu: grad_out must match u, got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  const at::ScalarType ct = compute_type(u.scalar_type());
+  TORCH_CHECK(starts.scalar_type() == ct && (!grad_last || grad_last->scalar_type() == ct),
+              "selective_scan_cpu: starts and grad_last must be ", ct);
   const int64_t lanes = (u.size(2) + kLanes - 1) / kLanes * kLanes * A.size(2);
   TORCH_CHECK(starts.dim() == 3 && starts.size(0) == u.size(0) && starts.size(2) == lanes,
               "selective_scan_cpu: starts must be the forward's saved states (run it with save_starts), got ",
               starts.sizes());
   std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
-    const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
-    result = a.A.size(2) == 16 ? backward_impl<scalar_t, 16>(a, starts.contiguous(), go, grad_last)
-                               : backward_impl<scalar_t, 0>(a, starts.contiguous(), go, grad_last);
+  const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
+  dispatch_io(u.scalar_type(), [&](auto t, auto io) {
+    using T = decltype(t);
+    using IO = decltype(io);
+    result = a.A.size(2) == 16 ? backward_impl<T, IO, 16>(a, starts.contiguous(), go, grad_last)
+                               : backward_impl<T, IO, 0>(a, starts.contiguous(), go, grad_last);
   });
   return result;
 }
@@ -642,51 +726,63 @@ inline int64_t first_tap(int64_t t, int64_t K, int64_t segment) {
   return std::max<int64_t>(0, K - 1 - (segment > 0 ? t % segment : t));
 }
 
-template <typename T>
+// x, the output and their gradients in IO, taps, bias and their gradients in T (see to_compute).
+template <typename T, typename IO>
 at::Tensor conv_forward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t,
                              int64_t segment) {
   const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
   at::Tensor out = at::empty({rows, L, Cn}, x_t.options());
-  View3<T> x(x_t);
+  View3<IO> x(x_t);
   const T* w = w_t.data_ptr<T>();  // (K, channels): tap k of every channel contiguous
   const std::vector<T> zeros(Cn, T(0));
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
-  T* o = out.data_ptr<T>();
+  IO* o = out.data_ptr<IO>();
   at::parallel_for(0, rows, row_grain(L * Cn * K), [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc_buf(std::is_same_v<IO, T> ? 0 : Cn);  // one output row in T before its conversion
     for (int64_t b = r0; b < r1; ++b) {
       for (int64_t t = 0; t < L; ++t) {
-        T* ot = o + (b * L + t) * Cn;
+        T* ot;
+        if constexpr (std::is_same_v<IO, T>) ot = o + (b * L + t) * Cn;
+        else ot = acc_buf.data();
 #pragma omp simd
         for (int64_t c = 0; c < Cn; ++c) ot[c] = bias[c];
         for (int64_t k = first_tap(t, K, segment); k < K; ++k) {
-          const T* xs = x.row(b, t - K + 1 + k);
+          const IO* xs = x.row(b, t - K + 1 + k);
           const T* wk = w + k * Cn;
 #pragma omp simd
-          for (int64_t c = 0; c < Cn; ++c) ot[c] += wk[c] * xs[c];
+          for (int64_t c = 0; c < Cn; ++c) ot[c] += wk[c] * to_compute(xs[c]);
         }
+        if constexpr (std::is_same_v<IO, T>) {
 #pragma omp simd
-        for (int64_t c = 0; c < Cn; ++c) ot[c] = ot[c] * sigmoid(ot[c]);
+          for (int64_t c = 0; c < Cn; ++c) ot[c] = ot[c] * sigmoid(ot[c]);
+        } else {
+          IO* out_t = o + (b * L + t) * Cn;
+#pragma omp simd
+          for (int64_t c = 0; c < Cn; ++c) out_t[c] = to_io<IO>(ot[c] * sigmoid(ot[c]));
+        }
       }
     }
   });
   return out;
 }
 
-template <typename T>
+template <typename T, typename IO>
 std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& bias_t,
                                            const at::Tensor& go_t, int64_t segment) {
   const int64_t rows = x_t.size(0), L = x_t.size(1), Cn = x_t.size(2), K = w_t.size(0);
-  auto opts = x_t.options();
-  at::Tensor g_x = at::empty({rows, L, Cn}, opts);
+  auto opts = w_t.options();  // T
+  at::Tensor g_x = at::empty({rows, L, Cn}, x_t.options());
   at::Tensor g_w_rows = at::zeros({rows, K, Cn}, opts);  // summed over rows by the caller
   at::Tensor g_bias_rows = at::zeros({rows, Cn}, opts);  // idem
-  View3<T> x(x_t), go(go_t);
+  View3<IO> x(x_t), go(go_t);
   const T* w = w_t.data_ptr<T>();
   const std::vector<T> zeros(Cn, T(0));
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : zeros.data();
-  T *gx = g_x.data_ptr<T>(), *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
+  IO* gx = g_x.data_ptr<IO>();
+  T *gw = g_w_rows.data_ptr<T>(), *gb = g_bias_rows.data_ptr<T>();
   at::parallel_for(0, rows, row_grain(L * Cn * K), [&](int64_t r0, int64_t r1) {
     std::vector<T> g_pre(L * Cn);  // d loss / d pre-activation of every output of the row
+    std::vector<T> gx_buf(std::is_same_v<IO, T> ? 0 : Cn);  // one dx row in T before its conversion
     for (int64_t b = r0; b < r1; ++b) {
       T* gwb = gw + b * K * Cn;
       T* gbb = gb + b * Cn;
@@ -697,29 +793,31 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
 #pragma omp simd
         for (int64_t c = 0; c < Cn; ++c) gp[c] = bias[c];
         for (int64_t k = k0; k < K; ++k) {
-          const T* xs = x.row(b, t - K + 1 + k);
+          const IO* xs = x.row(b, t - K + 1 + k);
           const T* wk = w + k * Cn;
 #pragma omp simd
-          for (int64_t c = 0; c < Cn; ++c) gp[c] += wk[c] * xs[c];
+          for (int64_t c = 0; c < Cn; ++c) gp[c] += wk[c] * to_compute(xs[c]);
         }
-        const T* gop = go.row(b, t);
+        const IO* gop = go.row(b, t);
 #pragma omp simd
         for (int64_t c = 0; c < Cn; ++c) {
           const T sg = sigmoid(gp[c]);
-          gp[c] = gop[c] * sg * (T(1) + gp[c] * (T(1) - sg));
+          gp[c] = to_compute(gop[c]) * sg * (T(1) + gp[c] * (T(1) - sg));
           gbb[c] += gp[c];
         }
         for (int64_t k = k0; k < K; ++k) {
-          const T* xs = x.row(b, t - K + 1 + k);
+          const IO* xs = x.row(b, t - K + 1 + k);
           T* gwk = gwb + k * Cn;
 #pragma omp simd
-          for (int64_t c = 0; c < Cn; ++c) gwk[c] += xs[c] * gp[c];
+          for (int64_t c = 0; c < Cn; ++c) gwk[c] += to_compute(xs[c]) * gp[c];
         }
       }
       // dx_s = sum over the outputs t = s + K - 1 - k that read input s through tap k (same window, t < L),
       // gathered: each dx row is written once, no zero fill and no read-modify-write per tap
       for (int64_t s = 0; s < L; ++s) {
-        T* gxs = gx + (b * L + s) * Cn;
+        T* gxs;
+        if constexpr (std::is_same_v<IO, T>) gxs = gx + (b * L + s) * Cn;
+        else gxs = gx_buf.data();
         bool first = true;
         for (int64_t k = K - 1; k >= 0; --k) {
           const int64_t t = s + K - 1 - k;
@@ -735,6 +833,11 @@ std::vector<at::Tensor> conv_backward_impl(const at::Tensor& x_t, const at::Tens
             for (int64_t c = 0; c < Cn; ++c) gxs[c] += wk[c] * gp[c];
           }
         }
+        if constexpr (!std::is_same_v<IO, T>) {
+          IO* out_s = gx + (b * L + s) * Cn;
+#pragma omp simd
+          for (int64_t c = 0; c < Cn; ++c) out_s[c] = to_io<IO>(gxs[c]);
+        }
       }
     }
   });
@@ -745,11 +848,14 @@ void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   TORCH_CHECK(segment >= 0, "causal_conv_silu_cpu: segment must be >= 0 (0: none), got ", segment);
   TORCH_CHECK(x.device().is_cpu(), "causal_conv_silu_cpu: tensors must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "causal_conv_silu_cpu: x must be (rows, L, channels), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(2) && w.scalar_type() == x.scalar_type(),
-              "causal_conv_silu_cpu: w must be (taps, channels=", x.size(2), ") of ", x.scalar_type(), ", got ",
-              w.sizes(), " ", w.scalar_type());
-  TORCH_CHECK(!bias || (bias->sizes() == at::IntArrayRef{x.size(2)} && bias->scalar_type() == x.scalar_type()),
-              "causal_conv_silu_cpu: bias must be (channels,) of the input dtype");
+  const at::ScalarType io = x.scalar_type(), ct = compute_type(io);
+  TORCH_CHECK(io == at::kFloat || io == at::kDouble || io == at::kBFloat16,
+              "causal_conv_silu_cpu: x must be float32, float64 or bfloat16, got ", io);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(2) && w.scalar_type() == ct,
+              "causal_conv_silu_cpu: w must be (taps, channels=", x.size(2), ") of ", ct, ", got ", w.sizes(), " ",
+              w.scalar_type());
+  TORCH_CHECK(!bias || (bias->sizes() == at::IntArrayRef{x.size(2)} && bias->scalar_type() == ct),
+              "causal_conv_silu_cpu: bias must be (channels,) of ", ct);
 }
 
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -758,8 +864,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
   const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_forward", [&] {
-    out = conv_forward_impl<scalar_t>(xc, w.contiguous(), b, segment);
+  dispatch_io(x.scalar_type(), [&](auto t, auto io) {
+    out = conv_forward_impl<decltype(t), decltype(io)>(xc, w.contiguous(), b, segment);
   });
   return out;
 }
@@ -767,13 +873,14 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
 std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                       const at::Tensor& grad_out, int64_t segment) {
   check_conv(x, w, bias, segment);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "causal_conv_silu_cpu: grad_out must match x, got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "causal_conv_silu_cpu: grad_out must match x, got ", grad_out.sizes(), " ", grad_out.scalar_type());
   const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
   const at::Tensor go = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu_cpu_backward", [&] {
-    result = conv_backward_impl<scalar_t>(xc, w.contiguous(), b, go, segment);
+  dispatch_io(x.scalar_type(), [&](auto t, auto io) {
+    result = conv_backward_impl<decltype(t), decltype(io)>(xc, w.contiguous(), b, go, segment);
   });
   return result;
 }
