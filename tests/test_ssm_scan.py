@@ -273,19 +273,21 @@ def test_cpp_results_do_not_depend_on_the_thread_count():
         assert torch.equal(one, two)
 
 
-def _within_one_bf16_ulp(got: torch.Tensor, want_f32: torch.Tensor) -> bool:
+def _rounded_from(got: torch.Tensor, want_f32: torch.Tensor, exact_share: float = 0.0) -> bool:
     """got (bfloat16) is want (float32) rounded to bfloat16, give or take one bfloat16 step where the two float32
-    computations, compiled separately, round the last bit differently."""
+    computations, compiled separately, differ in the last bit and so round apart; with exact_share, at least that
+    share of the elements must be the rounded value exactly (a truncating cast would miss about half)."""
     assert got.dtype == torch.bfloat16
     slack = want_f32.abs() * 2.0**-7 + want_f32.abs().max() * 1e-6
-    return bool(((got.float() - want_f32).abs() <= slack).all())
+    exact = (got == want_f32.bfloat16()).float().mean().item()
+    return bool(((got.float() - want_f32).abs() <= slack).all()) and exact >= exact_share
 
 
 @pytest.mark.parametrize("segment", [None, 9])
 def test_cpp_bfloat16_sequences_equal_float32_on_the_same_values(segment):
     """bf16 autocast hands the kernels bfloat16 u, delta, B, C, z: read exactly, computed in float32, results and
-    sequence gradients written as bfloat16; parameters (float32) get float32 gradients. So a bfloat16 call equals a
-    float32 call on the same (upcast) values, its sequence results rounded."""
+    sequence gradients written as bfloat16 (round to nearest even); parameters (float32) get float32 gradients. So
+    a bfloat16 call is a float32 call on the same (upcast) values with its sequence results rounded."""
     rows, length, d_inner = 6, 37, 40
     x = _low_rank_delta(_inputs(rows, d_inner, 16, length, seed=4), rank=5, seed=5)
     seq = ("u", "delta", "B", "C", "z")
@@ -305,11 +307,11 @@ def test_cpp_bfloat16_sequences_equal_float32_on_the_same_values(segment):
     out_bf, last_bf, s_bf, p_bf = run(torch.bfloat16)
     out_f, last_f, s_f, p_f = run(torch.float32)
     assert out_bf.dtype == torch.bfloat16 and last_bf.dtype == torch.float32
-    assert torch.equal(out_bf, out_f.bfloat16())
+    assert _rounded_from(out_bf, out_f, exact_share=0.99)
     torch.testing.assert_close(last_bf, last_f, rtol=1e-6, atol=1e-6)
     for k in seq:
         assert s_bf[k].grad.dtype == torch.bfloat16, k
-        assert _within_one_bf16_ulp(s_bf[k].grad, s_f[k].grad), k
+        assert _rounded_from(s_bf[k].grad, s_f[k].grad, exact_share=0.99), k
     for k in params:
         assert p_bf[k].grad.dtype == torch.float32, k
         scale = p_f[k].grad.abs().max().item()  # sums over rows and steps, some near-cancelling
