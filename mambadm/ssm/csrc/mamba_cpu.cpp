@@ -68,9 +68,9 @@ inline int64_t row_grain(int64_t elements_per_row) {
 // Sequence tensors (u, delta, B, C, z, the output and all their gradients) are float32, float64 or bfloat16 (IO);
 // the kernels compute in T (float for bfloat16, else IO's own type) and keep parameters (A, D, delta_bias,
 // delta_proj, the conv's taps and bias), states and parameter gradients in T. bfloat16 values are read exactly and
-// written rounded to nearest even, as torch's casts do: a bfloat16 call gives a float32 call on the same values with
-// its sequence results cast to bfloat16, give or take one bfloat16 step where the two builds' float32 results differ
-// in the last bit (under bf16 autocast the casts around the kernels were ~12% of a step).
+// written rounded to nearest even, as torch's casts do: a bfloat16 call returns what a float32 call on the same
+// values returns, cast to bfloat16, give or take one bfloat16 step where the two builds' float32 results differ in
+// the last bit (under bf16 autocast the casts around the kernels were ~12% of a step).
 template <typename T>
 inline T to_compute(T v) { return v; }
 inline float to_compute(at::BFloat16 v) { return static_cast<float>(v); }
