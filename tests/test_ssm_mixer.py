@@ -289,9 +289,9 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
 
 @pytest.mark.skipif(cpp_missing() is not None, reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("segment", [None, 4])
-def test_cpp_conv_bfloat16_equals_float32_on_the_same_values(segment):
-    """A bfloat16 x is convolved in float32 and returned as bfloat16 (as are its gradient); weight and bias stay
-    float32 with float32 gradients."""
+def test_cpp_conv_bfloat16_returns_the_float32_result_rounded(segment):
+    """A bfloat16 x is convolved in float32 and the result returned as bfloat16 (and so is x's gradient): the float32
+    call's result on the same values, rounded; weight and bias stay float32, with float32 gradients."""
     g = torch.Generator().manual_seed(2)
     conv = torch.nn.Conv1d(24, 24, 4, groups=24, padding=3)
     x = torch.randn(3, 19, 24, generator=g).bfloat16()

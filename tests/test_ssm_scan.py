@@ -284,10 +284,10 @@ def _rounded_from(got: torch.Tensor, want_f32: torch.Tensor, exact_share: float 
 
 
 @pytest.mark.parametrize("segment", [None, 9])
-def test_cpp_bfloat16_sequences_equal_float32_on_the_same_values(segment):
+def test_cpp_bfloat16_sequences_return_the_float32_results_rounded(segment):
     """bf16 autocast hands the kernels bfloat16 u, delta, B, C, z: read exactly, computed in float32, results and
     sequence gradients written as bfloat16 (round to nearest even); parameters (float32) get float32 gradients. So
-    a bfloat16 call is a float32 call on the same (upcast) values with its sequence results rounded."""
+    a bfloat16 call returns what a float32 call on the same (upcast) values returns, rounded (see _rounded_from)."""
     rows, length, d_inner = 6, 37, 40
     x = _low_rank_delta(_inputs(rows, d_inner, 16, length, seed=4), rank=5, seed=5)
     seq = ("u", "delta", "B", "C", "z")
