@@ -7,6 +7,8 @@ import torch
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model import build_model
 from mambadm.model.gloma import GLoMaBlock
+from mambadm.model.mambadm import RecurrentState
+from mambadm.model.recurrent import PairWeights, StackStep, allocate_pair_cache
 
 ATARI = EnvSpec("atari", [4, 84, 84], 4, True, 64)
 MUJOCO = EnvSpec("vector", [11], 3, False, 1000)
@@ -79,6 +81,61 @@ def test_recurrent_per_env_episode_starts(fusion, backend, seed):
         rtg, obs, prev, _ = step_inputs(ep, t)
         p, state = model.act(state, rtg, obs, prev, torch.tensor([t + 2, t]))
         torch.testing.assert_close(p[1], full[1, t], atol=1e-5, rtol=0)
+
+
+def with_every_option(model: torch.nn.Module, tanh_gelu: bool) -> torch.nn.Module:
+    """The model with biases on both projections of every mixer, no conv bias, optionally the tanh GELU, and every
+    parameter redrawn large enough that each one moves the output."""
+    for layer in model.layers:
+        for m in (layer.global_mamba, layer.local_mamba):
+            m.in_proj.bias = torch.nn.Parameter(torch.randn(m.in_proj.out_features))
+            m.out_proj.bias = torch.nn.Parameter(torch.randn(m.out_proj.out_features))
+            m.conv1d.bias = None
+        if tanh_gelu:
+            layer.ffn[1] = torch.nn.GELU(approximate="tanh")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(-1.0, 1.5)
+            elif not name.startswith("embed"):
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("fusion,tanh_gelu", [("add", False), ("gate", True), ("concat", False)])
+def test_cpp_stack_step_equals_python_layer_step(fusion, tanh_gelu, seed):
+    """The whole stack in one C++ call (`StackStep`) against the readable per-layer step, outputs and both states,
+    over 10 actions of 3 envs whose episodes start at different calls (local windows of 3 steps)."""
+    model = with_every_option(tiny("mambadm", MUJOCO, fusion=fusion, backend="cpp"), tanh_gelu)
+    stack = model.init_state(3)
+    assert isinstance(stack, StackStep)
+    python = RecurrentState([PairWeights.of(layer) for layer in model.layers],
+                            [allocate_pair_cache(layer, 3, torch.device("cpu")) for layer in model.layers])
+    ep = random_batch(MUJOCO, B=3, K=10)
+    starts = torch.tensor([0, 2, 7])  # env b starts its episode at call starts[b]; before that, steps 4, 5, ...
+    for call in range(10):
+        t = torch.where(call >= starts, call - starts, call + 4)
+        rtg, obs, prev, _ = step_inputs(ep, call)
+        p_stack, stack = model.act(stack, rtg, obs, prev, t)
+        p_python, python = model.act(python, rtg, obs, prev, t)
+        torch.testing.assert_close(p_stack, p_python, atol=1e-5, rtol=1e-5)
+    for i, cache in enumerate(python.caches):  # (B, 2, d_inner, k) / (B, 2, d_inner, d_state) there
+        torch.testing.assert_close(stack.conv[i].permute(1, 0, 3, 2), cache.conv, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stack.ssm[i].transpose(0, 1), cache.ssm, atol=1e-5, rtol=1e-5)
+    assert stack.ssm.abs().max() > 0.1  # the states carry something
+
+
+def test_cpp_stack_step_is_used_where_it_applies(seed):
+    cpp, fast = tiny("mambadm", MUJOCO, backend="cpp"), tiny("mambadm", MUJOCO, backend="fast")
+    assert isinstance(cpp.init_state(2), StackStep)
+    assert isinstance(fast.init_state(2), RecurrentState)  # no C++: the readable step
+    assert isinstance(cpp.train().init_state(2), StackStep)  # dropout 0: nothing the C++ step leaves out
+    dropping = build_model(ModelConfig(family="mambadm", n_layer=2, d_model=32, d_state=8, dropout=0.1,
+                                       backend="cpp"), MUJOCO).train()
+    assert isinstance(dropping.init_state(2), RecurrentState)  # dropout active: only the Python step applies it
+    stack = cpp.eval().init_state(2)
+    with pytest.raises(ValueError, match=r"2 envs.*\(3, 3, 32\)"):
+        stack(torch.zeros(3, 3, 32), torch.zeros(3, dtype=torch.long))
 
 
 def test_gloma_block_step_token_by_token_equals_forward(seed):

@@ -167,9 +167,10 @@ def test_delta_proj_gradcheck_float64_and_bad_shapes():
 
 
 def _rows_reference(u, delta, A, B, C, h0, keep):
-    """The recurrence scan_rows computes, as a loop: row r uses A[r % groups]; keep == 0 drops the state."""
+    """The recurrence scan_rows computes, as a loop: the rows in consecutive blocks, one per group of A; keep == 0
+    drops the state."""
     rows, length, _ = u.shape
-    A_rows = A.repeat(rows // A.shape[0], 1, 1)  # (rows, d, n)
+    A_rows = A.repeat_interleave(rows // A.shape[0], dim=0)  # (rows, d, n)
     h, ys = h0, []
     for t in range(length):
         a = torch.exp(delta[:, t, :, None] * A_rows) * keep[:, t, None, None]
@@ -221,7 +222,7 @@ def test_cpp_rows_with_grouped_D_and_delta_bias():
     grad = torch.randn_like(y)
     g_grouped = torch.autograd.grad(y, params, grad)
     for group in (0, 1):
-        r = slice(group, None, 2)  # row b uses group b % 2
+        r = slice(2 * group, 2 * group + 2)  # rows 0-1 use group 0, rows 2-3 group 1
         y_g, _ = scan_rows(u[r], delta[r], A[group:group + 1], B[r], C[r], D=D[group], z=z[r],
                            delta_bias=bias[group], delta_softplus=True)
         torch.testing.assert_close(y[r], y_g, rtol=1e-10, atol=1e-10)

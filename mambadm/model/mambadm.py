@@ -17,7 +17,8 @@ from torch import Tensor
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model.base import DecisionModel, batch_states
 from mambadm.model.gloma import GLoMaBlock, SegmentMasks
-from mambadm.model.recurrent import PairCache, PairWeights, allocate_pair_cache, layer_step
+from mambadm.model.recurrent import (PairCache, PairWeights, StackStep, allocate_pair_cache, layer_step,
+                                     stack_step_usable)
 
 
 @dataclass
@@ -51,20 +52,26 @@ class MambaDM(DecisionModel):
             raise ValueError(f"MambaDM acting mode must be 'recurrent' or 'window', got {mode!r}")
         # The state snapshots the weights in a stacked layout: make a new state after the weights change.
         device = self.norm_f.weight.device
+        if stack_step_usable(self.layers, device):  # the whole stack in one C++ call per action
+            return StackStep.of(self.layers, batch_size)
         return RecurrentState([PairWeights.of(layer) for layer in self.layers],
                               [allocate_pair_cache(layer, batch_size, device) for layer in self.layers])
 
     @torch.inference_mode()
     def act(self, state: Any, rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> tuple[Tensor, Any]:
-        if not isinstance(state, RecurrentState):
+        if not isinstance(state, (RecurrentState, StackStep)):
             return self.act_window(state, rtg, obs, prev_action, t)
         x = self.embed.step_tokens(rtg, obs, prev_action, t)  # (B, 3, d): a_{t-1}, R_t, s_t
         # Token indices: a_{t-1} is 3t - 1, R_t is 3t. At t == 0 the dummy a token at index -1 is wiped by the
         # sequence start at index 0; window starts fall on R tokens with t % w == 0.
-        starts = torch.stack(self.layers[0].segment_starts(3 * t - 1, 3), dim=1)  # (B, 2, 3): global, local
-        masks = SegmentMasks.build(starts, self.cfg.d_conv)
-        for layer, weights, cache in zip(self.layers, state.weights, state.caches):
-            x = layer_step(layer, weights, cache, x, masks)
+        token_index = 3 * t - 1
+        if isinstance(state, StackStep):
+            x = state(x, token_index)
+        else:
+            starts = torch.stack(self.layers[0].segment_starts(token_index, 3), dim=1)  # (B, 2, 3): global, local
+            masks = SegmentMasks.build(starts, self.cfg.d_conv)
+            for layer, weights, cache in zip(self.layers, state.weights, state.caches):
+                x = layer_step(layer, weights, cache, x, masks)
         return self.head(self.norm_f(x[:, -1])).float(), state
 
     # ------------------------------------------------------------------------------------------- analysis

@@ -1,24 +1,29 @@
-"""Lean recurrent acting for MambaDM: both mixers of a GLoMa layer stepped as one, on a leading branch axis.
+"""Lean recurrent acting for MambaDM: both mixers of a GLoMa layer stepped as one, or the whole stack in one C++ call.
 
-At one env per call the cost of a recurrent step is the number of PyTorch ops, not their size. Both branches of a
-layer read the same normed input and have the same shapes, so their weights are stacked once (`PairWeights`,
-snapshotted when the acting state is made) and every projection, the conv, the scan and the gating run once for
-both (branch 0 = global, 1 = local). The result equals `GLoMaBlock.step` (the readable per-branch path) and
-`GLoMaBlock.forward`; tests/test_model.py checks both. When the mixers run on the `cpp` backend, the chunk's
-softplus, recurrence (decays, states, <h, C>), D skip and gate are one call of the fused CPU kernel over both
-branches (A, D and the dt bias grouped per branch) instead of the tensor ops of `_recurrence` and around it.
+At one env per call the cost of a recurrent step is the number of PyTorch ops, not their size. Two paths:
+
+- `layer_step` (readable, any device): both branches of a layer read the same normed input and have the same shapes,
+  so their weights are stacked once (`PairWeights`, snapshotted when the acting state is made) and every
+  projection, the conv, the scan and the gating run once for both (branch 0 = global, 1 = local). It equals
+  `GLoMaBlock.step` and `GLoMaBlock.forward`.
+- `StackStep` (CPU, `cpp` backend): the same computation for all layers in one call of the C++ class in
+  mambadm/model/csrc/gloma_step.cpp, whose matmuls are ATen calls and whose conv, masks and norms are loops around
+  the fused scan kernel; an action costs a fraction of the ~40 Python-level ops per layer of `layer_step`.
+
+tests/test_model.py checks both against `forward` and against each other.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from mambadm.model.gloma import GLoMaBlock, SegmentMasks
-from mambadm.ssm.scan_cpp import scan_rows
+from mambadm.ssm.scan_cpp import cpp_missing
 
 
 @dataclass
@@ -38,7 +43,6 @@ class PairWeights:
     out_b: Optional[Tensor]  # (2, 1, d)
     dt_rank: int
     d_state: int
-    fused_kernel: bool  # the mixers run on the `cpp` backend: step the recurrence with its kernel
 
     @staticmethod
     @torch.no_grad()
@@ -61,7 +65,7 @@ class PairWeights:
             D=stack(lambda m: m.D)[:, None],
             out_w=stack(lambda m: m.out_proj.weight.t()),
             out_b=None if g.out_proj.bias is None else stack(lambda m: m.out_proj.bias)[:, None],
-            dt_rank=g.dt_rank, d_state=g.d_state, fused_kernel=g.backend_in_use == "cpp",
+            dt_rank=g.dt_rank, d_state=g.d_state,
         )
 
 
@@ -105,13 +109,9 @@ def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
     cache.conv.copy_(new_conv * masks.conv_keep[:, :, None, :] if masks is not None else new_conv)
 
     dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
-    delta_pre = torch.einsum("bclr,crd->bcld", dt, w.dt_w)  # (B, 2, L, d_inner), before bias and softplus
-    if w.fused_kernel:  # bias, softplus, recurrence, D skip and gate in one call
-        y = _mixer_kernel(w, cache, u, delta_pre, Bm, C, z, masks)
-    else:
-        delta = F.softplus(delta_pre + w.dt_b)
-        y = _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
-        y = (y + w.D * u) * F.silu(z)
+    delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
+    y = _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
+    y = (y + w.D * u) * F.silu(z)
     out = torch.einsum("bcle,ced->bcld", y, w.out_w)  # (B, 2, L, d); no weight copies per env
     if w.out_b is not None:
         out = out + w.out_b
@@ -134,21 +134,6 @@ def _recurrence(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: 
     return torch.matmul(states, C[..., None])[..., 0]
 
 
-def _mixer_kernel(w: PairWeights, cache: PairCache, u: Tensor, delta_pre: Tensor, Bm: Tensor, C: Tensor, z: Tensor,
-                  masks: Optional[SegmentMasks]) -> Tensor:
-    """softplus(delta_pre + dt bias), `_recurrence`, the D skip and the silu(z) gate as one call of the fused CPU
-    kernel: rows (env, branch), row r using branch r % 2's A, D and dt bias."""
-    B, _, L, d_inner = delta_pre.shape
-    rows = B * 2
-    keep = masks.ssm_keep.reshape(rows, L) if masks is not None else None
-    y, last = scan_rows(u.reshape(rows, L, d_inner), delta_pre.reshape(rows, L, d_inner), w.A[:, 0],
-                        Bm.reshape(rows, L, -1), C.reshape(rows, L, -1), D=w.D[:, 0], z=z.reshape(rows, L, d_inner),
-                        delta_bias=w.dt_b[:, 0], delta_softplus=True, h0=cache.ssm.view(rows, d_inner, -1), keep=keep,
-                        check=False)  # shapes fixed by the snapshotted weights and the cache
-    cache.ssm.copy_(last.view_as(cache.ssm))
-    return y.view(B, 2, L, d_inner)
-
-
 def layer_step(block: GLoMaBlock, w: PairWeights, cache: PairCache, x: Tensor,
                masks: Optional[SegmentMasks]) -> Tensor:
     """One GLoMa layer over the chunk x (B, L, d): `GLoMaBlock.step` with both mixers fused."""
@@ -156,3 +141,82 @@ def layer_step(block: GLoMaBlock, w: PairWeights, cache: PairCache, x: Tensor,
     g, l = pair_mixer_step(w, cache, h, masks)
     x = x + block.drop1(block.fuse(g, l, h))
     return x + block.ffn(block.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------- the C++ stack step
+FUSION_CODES = {"add": 0, "gate": 1, "concat": 2}  # gloma_step.cpp's `Fusion`
+
+
+def stack_step_usable(layers: Sequence[GLoMaBlock], device: torch.device) -> bool:
+    """Whether `StackStep` can run these layers: on the CPU with the `cpp` backend, with dropout inactive (the C++
+    step applies none) and an FFN of Linear, GELU, Linear."""
+    if device.type != "cpu" or not all(b.global_mamba.backend_in_use == "cpp" for b in layers):
+        return False
+    dropping = any(m.training and m.p > 0 for b in layers for m in b.modules() if isinstance(m, nn.Dropout))
+    return not dropping and all(isinstance(b.ffn[1], nn.GELU) for b in layers)
+
+
+def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
+    """One layer's weights in gloma_step.cpp's `Weight` order and layouts, float32."""
+    g, l = block.global_mamba, block.local_mamba
+
+    def pair(fn) -> Tensor:  # both branches stacked: (2, ...)
+        return torch.stack([fn(g), fn(l)])
+
+    fuse = getattr(block, {"add": "", "gate": "gate", "concat": "merge"}[block.fusion], None)
+    weights = [
+        block.norm1.weight, block.norm1.bias,
+        torch.cat([g.in_proj.weight, l.in_proj.weight]),
+        None if g.in_proj.bias is None else torch.cat([g.in_proj.bias, l.in_proj.bias]),
+        pair(lambda m: m.conv1d.weight[:, 0, :].t()),  # (2, d_conv, d_inner)
+        pair(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros_like(m.D)),
+        pair(lambda m: m.x_proj.weight.t()), pair(lambda m: m.dt_proj.weight.t()), pair(lambda m: m.dt_proj.bias),
+        pair(lambda m: m.A_continuous()), pair(lambda m: m.D),
+        pair(lambda m: m.out_proj.weight.t()), None if g.out_proj.bias is None else pair(lambda m: m.out_proj.bias),
+        None if fuse is None else fuse.weight, None if fuse is None else fuse.bias,
+        block.norm2.weight, block.norm2.bias,
+        block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias,
+    ]
+    return [None if t is None else t.detach().float().contiguous() for t in weights]
+
+
+@dataclass
+class StackStep:
+    """All GLoMa layers stepped by one call of the C++ op `gloma_step` (mambadm/model/csrc/gloma_step.cpp): the
+    weights snapshotted in its layouts, and the conv and SSM states of every layer, updated in place by each call."""
+
+    weights: list[Optional[Tensor]]  # per layer, gloma_step.cpp's `Weight` order
+    eps: list[float]  # per layer: norm1's, norm2's
+    fusion: int
+    approximate: str  # the FFN's GELU
+    window_tokens: int
+    conv: Tensor  # (n_layer, 2, B, d_conv, d_inner), newest input last; branch 0 = global, 1 = local
+    ssm: Tensor  # (n_layer, 2, B, d_inner, d_state)
+
+    @staticmethod
+    @torch.no_grad()
+    def of(layers: Sequence[GLoMaBlock], batch_size: int) -> "StackStep":
+        m = layers[0].global_mamba
+        state = lambda *shape: torch.zeros(len(layers), 2, batch_size, *shape, device=m.D.device)  # noqa: E731
+        return StackStep(
+            weights=[w for block in layers for w in _stack_layer_weights(block)],
+            eps=[eps for block in layers for eps in (block.norm1.eps, block.norm2.eps)],
+            fusion=FUSION_CODES[layers[0].fusion], approximate=layers[0].ffn[1].approximate,
+            window_tokens=layers[0].window_tokens,
+            conv=state(m.d_conv, m.d_inner), ssm=state(m.d_inner, m.d_state),
+        )
+
+    def __post_init__(self) -> None:
+        missing = cpp_missing()
+        if missing is not None:
+            raise RuntimeError(f"StackStep needs the CPU extension: {missing}")
+        self.kernel = torch.classes.mambadm_cpu.GLoMaStack(self.weights, self.eps, self.fusion, self.approximate,
+                                                           self.window_tokens, self.conv, self.ssm)
+
+    def __call__(self, x: Tensor, token_index: Tensor) -> Tensor:
+        """The stack over the chunk x (B, L, d) whose first token has index token_index (B,) -> (B, L, d)."""
+        envs, d = self.conv.shape[2], self.weights[0].shape[0]
+        if x.dim() != 3 or x.shape[0] != envs or x.shape[2] != d or token_index.shape != (envs,):
+            raise ValueError(f"StackStep holds the states of {envs} envs: x must be ({envs}, L, {d}) and token_index "
+                             f"({envs},), got {tuple(x.shape)} and {tuple(token_index.shape)}")
+        return self.kernel.step(x.float(), token_index.contiguous()).to(x.dtype)

@@ -34,7 +34,9 @@ from mambadm.ssm.scan_ref import batch_first, compute_dtype, contiguous_as
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# The extension's sources: the scan and conv kernels, and MambaDM's recurrent acting step built on the scan.
+SOURCES = (CSRC / "mamba_cpu.cpp", Path(__file__).parents[1] / "model" / "csrc" / "gloma_step.cpp")
 DEFAULT_CHUNK = 64  # steps between the saved states the backward restarts from
 STALE_LOCK_SECONDS = 600  # a build takes ~10-60 s: an older build lock was left by a process that was killed
 
@@ -102,7 +104,8 @@ def cpp_missing() -> str | None:
             logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
             cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(s) for s in SOURCES],
+                extra_include_paths=[str(CSRC)],
                 extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags, *_openmp_flags()],
                 extra_ldflags=_openmp_flags(),
                 is_python_module=False,
@@ -134,8 +137,8 @@ def _ops():
 class _CppScan(torch.autograd.Function):
     """out (rows, L, d), last state (rows, d, n) from batch-first u, delta, z (rows, L, d), B, C (rows, L, n) of any
     strides, A (groups, d, n), D, delta_bias (d,) or (groups, d) or None; h0 (rows, d, n), keep (rows, L, 1) and
-    delta_proj (d, R) or None (with delta_proj, delta is (rows, L, R): the step sizes are delta_proj delta). Row b
-    uses group b % groups."""
+    delta_proj (d, R) or None (with delta_proj, delta is (rows, L, R): the step sizes are delta_proj delta). The rows
+    form `groups` consecutive blocks, block g using group g's parameters."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, softplus: bool, chunk: int):
@@ -155,10 +158,10 @@ class _CppScan(torch.autograd.Function):
         )
         groups = A.shape[0]
 
-        def per_group(rows: Tensor, like: Tensor | None) -> Tensor | None:  # row b used group b % groups
+        def per_group(rows: Tensor, like: Tensor | None) -> Tensor | None:  # consecutive blocks of rows per group
             if like is None:
                 return None
-            total = rows.view(-1, groups, *rows.shape[1:]).sum(0)
+            total = rows.view(groups, -1, *rows.shape[1:]).sum(1)
             return total if like.dim() == total.dim() else total.sum(0)
 
         g_A, g_D, g_bias = per_group(g_A_rows, A), per_group(g_D_rows, D), per_group(g_bias_rows, delta_bias)
@@ -176,7 +179,7 @@ def scan_rows(
     """The kernel on batch-first rows, as the mixer's training forward and `mambadm.model.recurrent`'s acting step
     call it: (out, last state).
 
-    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), row b using A[b % groups]; D, delta_bias (d,)
+    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), the rows in `groups` consecutive blocks, block g using A[g]; D, delta_bias (d,)
     or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
     step; delta_proj (d, R), with delta (rows, L, R). u, delta, B, C, z in one dtype (float32, float64 or
     bfloat16); A, D, delta_bias, h0, delta_proj in its compute dtype (float32 for bfloat16); out in u's dtype, the

@@ -12,8 +12,9 @@
 // delta_proj (optional, (d_inner, R)): delta is then (rows, L, R), the low-rank step sizes before the Mamba mixer's
 // dt_proj, and delta + delta_bias becomes delta_proj delta + delta_bias inside the kernels (training never makes the
 // (rows, L, d_inner) step sizes or their gradient; the backward returns the gradients of delta and delta_proj).
-// A is (groups, d_inner, d_state): row b uses A[b % groups] (the two branches of a GLoMa layer stepped as one); D
-// and delta_bias are (d_inner,), shared by all rows, or (groups, d_inner), grouped like A.
+// A is (groups, d_inner, d_state): the rows form `groups` consecutive blocks and block g uses A[g] (the two branches
+// of a GLoMa layer stepped as one); D and delta_bias are (d_inner,), shared by all rows, or (groups, d_inner), grouped
+// like A.
 //
 // The forward stores the state at the start of every chunk of `chunk` steps; the backward recomputes one chunk of
 // one block of channels at a time into a small buffer and runs the adjoint recurrence
@@ -37,6 +38,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "mamba_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -233,20 +236,21 @@ void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
 }
 
 // A (lane-major, see lane_major_A), D and delta_bias of every group, zeros for absent D / delta_bias; row b of a
-// scan uses group b % groups.
+// scan of `rows` rows uses group b / (rows / groups).
 template <typename T>
 struct GroupParams {
-  int64_t G, Dn, N, Dp;
+  int64_t G, Dn, N, Dp, rows_per_group;
   std::vector<T> A, zeros;
   const T *D, *bias;  // (G, Dn) each
   GroupParams(const Args& a, int64_t Dp_)
-      : G(a.A.size(0)), Dn(a.A.size(1)), N(a.A.size(2)), Dp(Dp_), A(lane_major_A<T>(a.A, Dp_)),
-        zeros(G * Dn, T(0)),
+      : G(a.A.size(0)), Dn(a.A.size(1)), N(a.A.size(2)), Dp(Dp_), rows_per_group(a.u.size(0) / a.A.size(0)),
+        A(lane_major_A<T>(a.A, Dp_)), zeros(G * Dn, T(0)),
         D(a.D.defined() ? a.D.data_ptr<T>() : zeros.data()),
         bias(a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data()) {}
-  const T* A_of(int64_t b) const { return A.data() + (b % G) * N * Dp; }
-  const T* D_of(int64_t b) const { return D + (b % G) * Dn; }
-  const T* bias_of(int64_t b) const { return bias + (b % G) * Dn; }
+  int64_t group(int64_t b) const { return b / rows_per_group; }
+  const T* A_of(int64_t b) const { return A.data() + group(b) * N * Dp; }
+  const T* D_of(int64_t b) const { return D + group(b) * Dn; }
+  const T* bias_of(int64_t b) const { return bias + group(b) * Dn; }
 };
 
 #if defined(__AVX512F__)
@@ -887,6 +891,19 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
 }
 
 }  // namespace
+
+namespace mambadm {
+
+std::vector<at::Tensor> selective_scan_forward(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool softplus, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& delta_proj, int64_t chunk,
+    bool save_starts) {
+  return scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk, save_starts);
+}
+
+}  // namespace mambadm
 
 TORCH_LIBRARY(mambadm_cpu, m) {
   m.def("scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
