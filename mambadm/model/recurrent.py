@@ -182,7 +182,7 @@ def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
 
 @dataclass
 class StackStep:
-    """All GLoMa layers stepped by one call of the C++ op `gloma_step` (mambadm/model/csrc/gloma_step.cpp): the
+    """All GLoMa layers stepped by one call of the C++ class `GLoMaStack` (mambadm/model/csrc/gloma_step.cpp): the
     weights snapshotted in its layouts, and the conv and SSM states of every layer, updated in place by each call."""
 
     weights: list[Optional[Tensor]]  # per layer, gloma_step.cpp's `Weight` order

@@ -1,5 +1,8 @@
 """`cpp` backend: the fused CPU selective scan and causal conv + SiLU in csrc/mamba_cpu.cpp, built on first use.
 
+The same extension holds MambaDM's recurrent acting step (mambadm/model/csrc/gloma_step.cpp, the class
+`torch.classes.mambadm_cpu.GLoMaStack`), which calls the scan forward directly (csrc/mamba_cpu.h).
+
 The kernels are compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
 needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
 processes only load it; MAMBADM_NO_CPP_KERNELS=1 turns them off). The scan keeps each row's state in cache and
@@ -176,16 +179,15 @@ def scan_rows(
     delta_bias: Tensor | None = None, delta_softplus: bool = False, h0: Tensor | None = None,
     keep: Tensor | None = None, chunk: int = DEFAULT_CHUNK, check: bool = True, delta_proj: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The kernel on batch-first rows, as the mixer's training forward and `mambadm.model.recurrent`'s acting step
-    call it: (out, last state).
+    """The kernel on batch-first rows, as the mixer's forward calls it: (out, last state).
 
-    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), the rows in `groups` consecutive blocks, block g using A[g]; D, delta_bias (d,)
-    or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where the state resets before that
-    step; delta_proj (d, R), with delta (rows, L, R). u, delta, B, C, z in one dtype (float32, float64 or
-    bfloat16); A, D, delta_bias, h0, delta_proj in its compute dtype (float32 for bfloat16); out in u's dtype, the
-    last state in the compute dtype. Without autograd (acting) the kernel is called directly. `check=False` skips
-    `check_rows` (4% of a 1-env action's latency): for callers whose arguments are built from the model's own
-    tensors every call, as the mixer's and recurrent acting's are.
+    u, delta, z (rows, L, d); B, C (rows, L, n); A (groups, d, n), the rows in `groups` consecutive blocks, block g
+    using A[g]; D, delta_bias (d,) or (groups, d); h0 (rows, d, n) the starting state; keep (rows, L) zeros where
+    the state resets before that step; delta_proj (d, R), with delta (rows, L, R). u, delta, B, C, z in one dtype
+    (float32, float64 or bfloat16); A, D, delta_bias, h0, delta_proj in its compute dtype (float32 for bfloat16);
+    out in u's dtype, the last state in the compute dtype. Without autograd the kernel is called directly.
+    `check=False` skips `check_rows`: for callers whose arguments are built from the model's own tensors every call,
+    as the mixer's are.
     """
     if check:
         check_rows(u, delta, A, B, C, D, z, delta_bias, h0, keep, chunk, delta_proj)
