@@ -37,8 +37,8 @@ def step_inputs(batch: dict[str, torch.Tensor], t: int, t_offset: int = 0):
     return batch["rtg"][:, t], batch["states"][:, t], prev, torch.full((B,), t + t_offset, dtype=torch.long)
 
 
-def act_episode(model, batch, mode: str, K: int) -> torch.Tensor:
-    state = model.init_state(batch["rtg"].shape[0], mode=mode, context_len=K)
+def act_episode(model, batch, mode: str, K: int, **kw) -> torch.Tensor:
+    state = model.init_state(batch["rtg"].shape[0], mode=mode, context_len=K, **kw)
     preds = []
     for t in range(batch["rtg"].shape[1]):
         p, state = model.act(state, *step_inputs(batch, t))
@@ -174,17 +174,37 @@ def test_causality(family, spec, seed):
 
 
 # ----------------------------------------------------------------------------------------------- window acting
+@pytest.mark.parametrize("reencode", [False, True], ids=["cached-tokens", "reencode"])
 @pytest.mark.parametrize("family", ["mambadm", "dt"])
 @pytest.mark.parametrize("spec", [ATARI, MUJOCO], ids=["atari", "mujoco"])
-def test_window_acting_equals_forward_on_last_k_steps(family, spec, seed):
+def test_window_acting_equals_forward_on_last_k_steps(family, spec, reencode, seed):
     model, K, T = tiny(family, spec), 4, 9
     batch = random_batch(spec, B=2, K=T)
-    acted = act_episode(model, batch, "window", K=K)
+    acted = act_episode(model, batch, "window", K=K, reencode=reencode)
     with torch.no_grad():
         for t in range(T):
             lo = max(0, t - K + 1)
             ref = model({k: v[:, lo:t + 1] for k, v in batch.items()})[:, -1]
             torch.testing.assert_close(acted[:, t], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mambadm", "dt"])
+def test_cached_token_window_equals_reencoding_with_staggered_episodes(family, seed):
+    """Three envs whose episodes (re)start at different calls, windows of K = 4: the cached tokens give the actions
+    that re-encoding the window gives, call by call."""
+    model = tiny(family, DISCRETE_VECTOR)
+    ep = random_batch(DISCRETE_VECTOR, B=3, K=12)
+    cached = model.init_state(3, mode="window", context_len=4)
+    reencoded = model.init_state(3, mode="window", context_len=4, reencode=True)
+    starts = torch.tensor([0, 3, 6])  # env b (re)starts at call starts[b]; before that, steps 7, 8, ... of another
+    for call in range(12):
+        t = torch.where(call >= starts, call - starts, call + 7)
+        rtg, obs, prev, _ = step_inputs(ep, call)
+        prev = prev if call else torch.zeros_like(prev)  # a valid action for the envs in mid-episode
+        p_cached, cached = model.act(cached, rtg, obs, prev, t)
+        p_reencoded, reencoded = model.act(reencoded, rtg, obs, prev, t)
+        torch.testing.assert_close(p_cached, p_reencoded, atol=1e-5, rtol=1e-5)
+    assert cached.length.tolist() == [4, 4, 4]
 
 
 # ----------------------------------------------------------------------------------------------- learning

@@ -42,6 +42,16 @@ class WindowState:
     length: Tensor  # (B,) valid steps at the end of the buffers
 
 
+@dataclass
+class TokenWindow:
+    """The last K steps of every env as embedded tokens, newest last: (B, K, 3, d) holding R, s, a per step (the
+    newest step's a token is a placeholder until the next call supplies a_t), and how many steps belong to the
+    current episode. Each call embeds only its new step, where `WindowState` re-encodes the whole window."""
+
+    tokens: Tensor  # (B, K, 3, d)
+    length: Tensor  # (B,)
+
+
 class DecisionModel(nn.Module):
     """Return-conditioned sequence model over (R, s, a) tokens; subclasses supply the backbone."""
 
@@ -97,12 +107,21 @@ class DecisionModel(nn.Module):
                 raise ValueError(f"batch['{key}'] must have shape {tuple(shape)}, got {tuple(batch[key].shape)}")
 
     # ------------------------------------------------------------------------------------------- acting
-    def init_state(self, batch_size: int, mode: str = "window", context_len: int = 30) -> Any:
+    def init_state(self, batch_size: int, mode: str = "window", context_len: int = 30, reencode: bool = False) -> Any:
         """Acting state for `batch_size` envs. The base class (DT) has no recurrence: both modes re-run the last
-        `context_len` steps, so a config's eval.mode=recurrent works for either family."""
+        `context_len` steps, so a config's eval.mode=recurrent works for either family.
+
+        The window keeps each step's embedded tokens (`TokenWindow`): a call embeds its new step only (one frame per
+        env through the Atari CNN) and re-runs the backbone over the window. `reencode=True` keeps the raw steps
+        instead and re-embeds the whole window every call, as the reference Decision Transformer code does (the
+        acting benchmark's baseline); both give the same actions."""
         if mode not in ("recurrent", "window"):
             raise ValueError(f"acting mode must be 'recurrent' or 'window', got {mode!r}")
         p = next(self.parameters())
+        if not reencode:
+            return TokenWindow(tokens=torch.zeros(batch_size, context_len, 3, self.cfg.d_model, device=p.device,
+                                                  dtype=p.dtype),
+                               length=torch.zeros(batch_size, dtype=torch.long, device=p.device))
         obs_dtype = torch.uint8 if self.spec.obs_kind == "atari" else torch.float32
         act_shape = (batch_size, context_len) + (() if self.spec.discrete else (self.spec.act_dim,))
         return WindowState(
@@ -118,9 +137,11 @@ class DecisionModel(nn.Module):
         """preds (B, act_dim) for step t of each env; `prev_action` is a_{t-1} (ignored where t == 0)."""
         return self.act_window(state, rtg, obs, prev_action, t)
 
-    def act_window(self, state: WindowState, rtg: Tensor, obs: Tensor, prev_action: Tensor,
-                   t: Tensor) -> tuple[Tensor, WindowState]:
-        """Appends step t to the window and re-runs `forward` on the episode's last (up to) K steps."""
+    def act_window(self, state: WindowState | TokenWindow, rtg: Tensor, obs: Tensor, prev_action: Tensor,
+                   t: Tensor) -> tuple[Tensor, WindowState | TokenWindow]:
+        """Appends step t to the window and re-runs the model on the episode's last (up to) K steps."""
+        if isinstance(state, TokenWindow):
+            return self.act_token_window(state, rtg, obs, prev_action, t)
         new_episode = t == 0
         keep = ~new_episode
         state.actions[keep, -1] = prev_action[keep].to(state.actions.dtype)  # a_{t-1} fills the previous slot
@@ -138,6 +159,26 @@ class DecisionModel(nn.Module):
             batch = {"rtg": state.rtg[rows, K - n:], "states": state.obs[rows, K - n:],
                      "actions": state.actions[rows, K - n:], "timesteps": state.timesteps[rows, K - n:]}
             preds[rows] = self(batch)[:, -1].float()
+        return preds, state
+
+    def act_token_window(self, state: TokenWindow, rtg: Tensor, obs: Tensor, prev_action: Tensor,
+                         t: Tensor) -> tuple[Tensor, TokenWindow]:
+        """`act_window` on cached tokens: embeds step t ([a_{t-1}, R_t, s_t], as recurrent acting does), completes
+        the previous step with a_{t-1}, shifts the window and runs the backbone on the episode's last (up to) K
+        steps, reading the action at s_t."""
+        new_episode = t == 0
+        step = self.embed.step_tokens(rtg, obs, prev_action, t).to(state.tokens.dtype)  # (B, 3, d)
+        tokens, K = state.tokens, state.tokens.shape[1]
+        tokens[:, -1, 2] = torch.where(new_episode[:, None], tokens[:, -1, 2], step[:, 0])
+        tokens.copy_(torch.roll(tokens, shifts=-1, dims=1))
+        tokens[:, -1, :2] = step[:, 1:]
+        tokens[:, -1, 2] = 0  # a_t is not known yet; causality makes its value irrelevant to the prediction
+        state.length = torch.where(new_episode, torch.ones_like(state.length), (state.length + 1).clamp(max=K))
+        preds = torch.empty(rtg.shape[0], self.spec.act_dim, device=rtg.device)
+        for n in state.length.unique().tolist():  # one backbone run per distinct episode length (usually one)
+            rows = state.length == n
+            hidden = self.backbone(tokens[rows, K - n:].flatten(1, 2))  # (b, 3n, d)
+            preds[rows] = self.head(hidden[:, -2]).float()  # the s_t token
         return preds, state
 
     # ------------------------------------------------------------------------------------------- counting

@@ -45,9 +45,10 @@ class MambaDM(DecisionModel):
         return self.norm_f(tokens)
 
     # ------------------------------------------------------------------------------------------- acting
-    def init_state(self, batch_size: int, mode: str = "recurrent", context_len: int = 30) -> Any:
+    def init_state(self, batch_size: int, mode: str = "recurrent", context_len: int = 30,
+                   reencode: bool = False) -> Any:
         if mode == "window":
-            return super().init_state(batch_size, "window", context_len)
+            return super().init_state(batch_size, "window", context_len, reencode)
         if mode != "recurrent":
             raise ValueError(f"MambaDM acting mode must be 'recurrent' or 'window', got {mode!r}")
         # The state snapshots the weights in a stacked layout: make a new state after the weights change.
