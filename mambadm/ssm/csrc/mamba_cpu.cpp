@@ -681,12 +681,15 @@ Args make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   return a;
 }
 
-std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
-                                     const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                                     bool softplus, const std::optional<at::Tensor>& h0,
-                                     const std::optional<at::Tensor>& keep,
-                                     const std::optional<at::Tensor>& delta_proj, int64_t chunk, bool save_starts) {
+}  // namespace
+
+// Declared in mamba_cpu.h for the extension's other files (the acting step); also the `scan_forward` op.
+std::vector<at::Tensor> mambadm::selective_scan_forward(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool softplus, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& delta_proj, int64_t chunk,
+    bool save_starts) {
   Args a = make_args(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk);
   std::vector<at::Tensor> result;
   dispatch_io(u.scalar_type(), [&](auto t, auto io) {
@@ -696,6 +699,8 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
   });
   return result;
 }
+
+namespace {
 
 std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                       const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
@@ -892,19 +897,6 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
 
 }  // namespace
 
-namespace mambadm {
-
-std::vector<at::Tensor> selective_scan_forward(
-    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-    const std::optional<at::Tensor>& delta_bias, bool softplus, const std::optional<at::Tensor>& h0,
-    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& delta_proj, int64_t chunk,
-    bool save_starts) {
-  return scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj, chunk, save_starts);
-}
-
-}  // namespace mambadm
-
 TORCH_LIBRARY(mambadm_cpu, m) {
   m.def("scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool softplus, Tensor? h0, Tensor? keep, Tensor? delta_proj, int chunk, "
@@ -917,7 +909,7 @@ TORCH_LIBRARY(mambadm_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(mambadm_cpu, CPU, m) {
-  m.impl("scan_forward", &scan_forward);
+  m.impl("scan_forward", &mambadm::selective_scan_forward);
   m.impl("scan_backward", &scan_backward);
   m.impl("conv_forward", &conv_forward);
   m.impl("conv_backward", &conv_backward);
