@@ -8,7 +8,8 @@ MambaDM, 3 layers, d=128, acting recurrently, one thread per worker), on preproc
 Ray actors are started and warmed up before the clock starts (startup is a one-off cost per evaluation).
 
 Part 2 — policy time per action inside the rollout (``run_group``): recurrent MambaDM vs Decision Transformer
-(K = 30 window) with 1 and 16 Breakout envs per actor.
+(K = 30 window), re-encoding its window every step as the reference DT code does and on cached step tokens (the
+project's default), with 1 and 16 Breakout envs per actor.
 
     python benchmarks/bench_rollout.py [--seconds 8] [--part 1 2]
 """
@@ -46,12 +47,13 @@ def model_cfg(family: str, layers: int, context: int):
                                   "model.n_head=8", f"data.context_len={context}", "model.dropout=0.0"])
 
 
-def make_policy(name: str, action_space, family="mambadm", layers=3, context=30):
+def make_policy(name: str, action_space, family="mambadm", layers=3, context=30, reencode=False):
     if family == "random":
         return RandomPolicy(action_space)
     torch.manual_seed(0)
     cfg = model_cfg(family, layers, context)
-    return ModelPolicy(build_model(cfg.model, SPECS[name]), cfg, vars(SPECS[name]), action_space, sample=True)
+    return ModelPolicy(build_model(cfg.model, SPECS[name]), cfg, vars(SPECS[name]), action_space, sample=True,
+                       reencode=reencode)
 
 
 EVAL_CFG = OmegaConf.structured(EvalConfig)
@@ -155,8 +157,11 @@ def part2(frames: int) -> None:
     for n_envs in (1, 16):
         envs = [make_env(ENVS["Breakout"], cfg) for _ in range(n_envs)]
         per_action = {}
-        for label, family in (("MambaDM recurrent", "mambadm"), ("DT window K=30", "dt")):
-            policy = make_policy("Breakout", envs[0].action_space, family=family, layers=6, context=30)
+        for label, family, reencode in (("MambaDM recurrent", "mambadm", False),
+                                        ("DT window K=30, re-encoding", "dt", True),
+                                        ("DT window K=30, cached tokens", "dt", False)):
+            policy = make_policy("Breakout", envs[0].action_space, family=family, layers=6, context=30,
+                                 reencode=reencode)
             res = run_group(envs, policy, make_tasks([90.0], n_envs, 0))
             calls = res[0]["policy_calls"]
             total = res[0]["policy_seconds"] * n_envs

@@ -64,11 +64,12 @@ class ModelPolicy:
     """A MambaDM / Decision Transformer acting through ``model.init_state`` / ``model.act``."""
 
     def __init__(self, model: torch.nn.Module, cfg: Any, spec: dict, action_space: gym.Space, mode: str = "recurrent",
-                 sample: bool = True, device: str = "cpu"):
+                 sample: bool = True, device: str = "cpu", reencode: bool = False):
         self.model = model.to(device).eval()
         self.cfg, self.spec, self.space, self.device = cfg, spec, action_space, torch.device(device)
         self.mode = acting_mode(cfg.model.family, mode)
         self.sample = sample
+        self.reencode = reencode  # window acting: re-encode the whole window each step (the reference DT's way)
         self.rtg_scale = float(cfg.data.rtg_scale)
         self.discrete = bool(spec["discrete"])
         if self.discrete != isinstance(action_space, gym.spaces.Discrete):
@@ -85,7 +86,8 @@ class ModelPolicy:
         shape = (n,) if self.discrete else (n, int(self.spec["act_dim"]))
         self.prev = torch.zeros(shape, dtype=torch.long if self.discrete else torch.float32, device=self.device)
         self.rngs = [np.random.default_rng([int(s), 2]) for s in seeds]
-        self.state = self.model.init_state(n, mode=self.mode, context_len=int(self.cfg.data.context_len))
+        self.state = self.model.init_state(n, mode=self.mode, context_len=int(self.cfg.data.context_len),
+                                           reencode=self.reencode)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
