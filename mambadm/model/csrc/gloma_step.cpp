@@ -192,7 +192,8 @@ class GLoMaStack : public torch::CustomClassHolder {
       w.norm1_w = need(kNorm1W), w.norm1_b = need(kNorm1B), w.in_w = need(kInW), w.in_b = get(kInB);
       w.conv_w = need(kConvW), w.conv_b = need(kConvB), w.x_w = need(kXW), w.dt_w = need(kDtW);
       w.norm2_w = need(kNorm2W), w.norm2_b = need(kNorm2B), w.ffn1_w = need(kFfn1W), w.ffn1_b = need(kFfn1B);
-      w.ffn2_wt = need(kFfn2W).t(), w.ffn2_b = need(kFfn2B), w.fuse_w = get(kFuseW), w.fuse_b = get(kFuseB);
+      w.ffn2_wt = need(kFfn2W).t(), w.ffn2_b = need(kFfn2B), w.fuse_b = get(kFuseB);
+      if (fusion != kAdd) w.fuse_w = need(kFuseW);  // the gate's or the merge's weight
       const std::optional<at::Tensor> out_b = get(kOutB);
       for (int64_t c = 0; c < 2; ++c) {
         w.out_w[c] = need(kOutW)[c];
