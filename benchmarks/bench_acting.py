@@ -2,7 +2,7 @@
 steps (as the reference DT code does: re-encoding every frame of the window), at episode steps t in {30, 1000,
 10000}. Also DT as this project acts by default, on cached tokens (each call embeds only its new step).
 
-    python benchmarks/bench_acting.py [--steps 20] [--threads 1]
+    python benchmarks/bench_acting.py [--steps 20] [--threads 1] [--window] [--python-step]
 
 Atari: 6 layers, d=128, K=30 (the DT Atari setting; DT 8 heads); MuJoCo (hopper spec): 3 layers, d=128, K=20 (the DT
 MuJoCo setting). Random weights and inputs: the cost of a step does not depend on their values. To time step t the
@@ -18,6 +18,8 @@ import torch
 
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model import build_model
+from mambadm.model.mambadm import RecurrentState
+from mambadm.model.recurrent import PairWeights, allocate_pair_cache
 
 SETTINGS = {  # name: (spec, n_layer, n_head, K, envs)
     "atari, 1 env": (EnvSpec(), 6, 8, 30, 1),
@@ -35,8 +37,14 @@ def inputs(spec: EnvSpec, envs: int, t: int):
 
 
 def prepared(model, mode: str, spec: EnvSpec, K: int, envs: int, t: int, reencode: bool = False):
-    """An acting state that has played the steps just before t (DT: a full window of K; MambaDM: a few)."""
-    state = model.init_state(envs, mode=mode, context_len=K, reencode=reencode)
+    """An acting state that has played the steps just before t (DT: a full window of K; MambaDM: a few). mode
+    "python": MambaDM's recurrent state for the readable Python layer step, where `init_state` would pick the C++
+    stack step."""
+    if mode == "python":
+        state = RecurrentState([PairWeights.of(layer) for layer in model.layers],
+                               [allocate_pair_cache(layer, envs, torch.device("cpu")) for layer in model.layers])
+    else:
+        state = model.init_state(envs, mode=mode, context_len=K, reencode=reencode)
     for s in range(max(0, t - (K if mode == "window" else 3)), t):
         _, state = model.act(state, *inputs(spec, envs, s))
     return state
@@ -56,14 +64,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--window", action="store_true", help="also time MambaDM mode='window'")
+    parser.add_argument("--python-step", action="store_true",
+                        help="also time MambaDM's recurrent step through the Python layer step (no C++ stack step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} alternating rounds of "
           f"{args.steps} actions; ms per call (one call acts for all envs)\n")
     print("| setting | t | DT (re-encode K steps) ms | MambaDM recurrent ms | DT / recurrent | DT, cached tokens ms "
-          "| DT cached / recurrent |" + (" MambaDM window ms |" if args.window else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if args.window else ""))
+          "| DT cached / recurrent |" + (" MambaDM window ms |" if args.window else "")
+          + (" MambaDM Python step ms | Python step / recurrent |" if args.python_step else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.window else "") + ("---|---|" if args.python_step else ""))
     for name, (spec, n_layer, n_head, K, envs) in SETTINGS.items():
         dt = build_model(ModelConfig(family="dt", n_layer=n_layer, d_model=128, n_head=n_head), spec)
         models = {"dt": (dt, "window"), "dt_cached": (dt, "window")}
@@ -71,6 +82,8 @@ def main() -> None:
         models["recurrent"] = (mdm, "recurrent")
         if args.window:
             models["window"] = (mdm, "window")
+        if args.python_step:
+            models["python"] = (mdm, "python")
         for model, _ in models.values():
             model.eval()
         for t in T_VALUES:
@@ -82,7 +95,9 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             row = (f"| {name} | {t} | {med['dt']:.2f} | {med['recurrent']:.2f} | {med['dt'] / med['recurrent']:.1f}x "
                    f"| {med['dt_cached']:.2f} | {med['dt_cached'] / med['recurrent']:.1f}x |")
-            print(row + (f" {med['window']:.2f} |" if args.window else ""), flush=True)
+            row += f" {med['window']:.2f} |" if args.window else ""
+            row += f" {med['python']:.2f} | {med['python'] / med['recurrent']:.1f}x |" if args.python_step else ""
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
