@@ -136,6 +136,8 @@ def test_cpp_stack_step_is_used_where_it_applies(seed):
     stack = cpp.eval().init_state(2)
     with pytest.raises(ValueError, match=r"2 envs.*\(3, 3, 32\)"):
         stack(torch.zeros(3, 3, 32), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"int64, got \(2, 3, 32\) and \(2,\) torch.int32"):
+        stack(torch.zeros(2, 3, 32), torch.zeros(2, dtype=torch.int32))
 
 
 def test_gloma_block_step_token_by_token_equals_forward(seed):

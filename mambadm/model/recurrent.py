@@ -192,6 +192,7 @@ class StackStep:
     window_tokens: int
     conv: Tensor  # (n_layer, 2, B, d_conv, d_inner), newest input last; branch 0 = global, 1 = local
     ssm: Tensor  # (n_layer, 2, B, d_inner, d_state)
+    kernel: object = field(init=False, repr=False)  # the GLoMaStack holding the above
 
     @staticmethod
     @torch.no_grad()
@@ -216,7 +217,9 @@ class StackStep:
     def __call__(self, x: Tensor, token_index: Tensor) -> Tensor:
         """The stack over the chunk x (B, L, d) whose first token has index token_index (B,) -> (B, L, d)."""
         envs, d = self.conv.shape[2], self.weights[0].shape[0]
-        if x.dim() != 3 or x.shape[0] != envs or x.shape[2] != d or token_index.shape != (envs,):
+        if (x.dim() != 3 or x.shape[0] != envs or x.shape[2] != d or token_index.shape != (envs,)
+                or token_index.dtype != torch.long):
             raise ValueError(f"StackStep holds the states of {envs} envs: x must be ({envs}, L, {d}) and token_index "
-                             f"({envs},), got {tuple(x.shape)} and {tuple(token_index.shape)}")
+                             f"({envs},) int64, got {tuple(x.shape)} and {tuple(token_index.shape)} "
+                             f"{token_index.dtype}")
         return self.kernel.step(x.float(), token_index.contiguous()).to(x.dtype)
