@@ -2,12 +2,15 @@
 streaming real shards vs reusing one in-memory batch.
 
     python benchmarks/bench_train.py [--shards DIR] [--steps 8] [--batch 16] [--contexts 8 30 120] [--compile]
-                                     [--bf16]
+                                     [--bf16] [--presets s m]
 
 Table 1: samples/s and tokens/s of full training steps (forward, loss, backward, AdamW step) on in-memory batches of
 vector (Hopper-shaped) data, the median of --steps steps of each model taken alternately (so both see the same load
-on a shared machine), the DT's width chosen so its parameter count is closest to MambaDM's; both models built by
-``build_model`` from the same config apart from the family. Table 2: the same MambaDM step fed by the streaming
+on a shared machine), both models --layers deep, the DT's width chosen so its parameter count is closest to
+MambaDM's; both built by ``build_model`` from the same config apart from the family and width. Table 1b: the same
+for the size presets named by --presets, each MambaDM preset against the DT preset of the same name, the
+parameter-matched pairs that the scaling grids train (configs/model/: same width, DT about twice as deep, since a
+GLoMa layer holds about 20 d^2 parameters and a transformer layer 12 d^2). Table 2: the same MambaDM step fed by the streaming
 loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
 memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both
 models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up steps pay the
@@ -112,6 +115,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="compile both models (train.compile=true) in table 1")
     p.add_argument("--bf16", action="store_true", help="table 1 under bf16 autocast (train.mixed_precision=bf16)")
+    p.add_argument("--presets", nargs="*", default=["s", "m"],
+                   help="size presets for table 1b (configs/model/<family>-<size>.yaml); none: skip it")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (on a shared box, threads beyond the free cores make every op wait)")
     args = p.parse_args()
@@ -143,6 +148,28 @@ def main() -> None:
             print(f"| {k} | {mamba.num_params():,} | {dt.num_params():,} ({d_dt}) | {rate['mambadm']:.1f} | "
                   f"{rate['dt']:.1f} | {rate['mambadm'] * tok:.0f} | {rate['dt'] * tok:.0f} | "
                   f"{rate['mambadm'] / rate['dt']:.2f} |", flush=True)
+        if args.contexts and args.presets:
+            print("\n| size | K | MambaDM params (layers x d) | DT params (layers x d) | MambaDM samples/s | DT samples/s "
+                  "| MambaDM tokens/s | DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|---|")
+        for size in args.presets if args.contexts else []:
+            for k in args.contexts:
+                base = [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",
+                        "data.num_workers=0", "data.rtg_scale=1000", "model.dropout=0.1", f"model.size={size}"]
+                cfgs = {fam: load_config(None, [*base, f"model.family={fam}"]) for fam in ("mambadm", "dt")}
+                batch = next(iter(D.make_loader(index["shards"], index, cfgs["mambadm"].data, 0, 1, seed=0,
+                                                exact=False)))
+                models = {fam: build_model(c.model, spec) for fam, c in cfgs.items()}
+                if args.compile:
+                    for model in models.values():
+                        model.compile()
+                times = interleaved_step_times(models, batch, args.steps, bf16=args.bf16)
+                rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
+                shape = {fam: f"{c.model.n_layer} x {c.model.d_model}" for fam, c in cfgs.items()}
+                tok = 3 * k
+                print(f"| {size} | {k} | {models['mambadm'].num_params():,} ({shape['mambadm']}) | "
+                      f"{models['dt'].num_params():,} ({shape['dt']}) | {rate['mambadm']:.1f} | {rate['dt']:.1f} | "
+                      f"{rate['mambadm'] * tok:.0f} | {rate['dt'] * tok:.0f} | {rate['mambadm'] / rate['dt']:.2f} |",
+                      flush=True)
 
         k = 30
         cfg = load_config(None, [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",
