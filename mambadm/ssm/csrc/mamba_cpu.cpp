@@ -198,15 +198,26 @@ const T* steps_as_compute(const View3<IO>& v, int64_t b, int64_t s, int64_t len,
   }
 }
 
-// A of every group as (groups, d_state, padded channels), channels innermost, zero in the padding.
+// The factor block_step wants A multiplied by: the AVX-512 float kernel computes the decay as 2^(delta' A log2(e))
+// (a multiply and the two-part range reduction fewer per state than exp(delta' A)), every other build as
+// exp(delta' A).
 template <typename T>
-std::vector<T> lane_major_A(const at::Tensor& A, int64_t Dp) {
+constexpr T decay_scale() {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return 1.44269504088896341f;
+#endif
+  return T(1);
+}
+
+// A of every group, times `scale`, as (groups, d_state, padded channels), channels innermost, zero in the padding.
+template <typename T>
+std::vector<T> lane_major_A(const at::Tensor& A, int64_t Dp, T scale) {
   const int64_t G = A.size(0), Dn = A.size(1), N = A.size(2);
   const T* src = A.data_ptr<T>();
   std::vector<T> out(G * N * Dp, T(0));
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < Dn; ++d)
-      for (int64_t n = 0; n < N; ++n) out[(g * N + n) * Dp + d] = src[(g * Dn + d) * N + n];
+      for (int64_t n = 0; n < N; ++n) out[(g * N + n) * Dp + d] = scale * src[(g * Dn + d) * N + n];
   return out;
 }
 
@@ -235,49 +246,49 @@ void from_lanes(const T* src, int64_t Dn, int64_t N, T* dst) {
   }
 }
 
-// A (lane-major, see lane_major_A), D and delta_bias of every group, zeros for absent D / delta_bias; row b of a
-// scan of `rows` rows uses group b / (rows / groups).
+// A times decay_scale as block_step reads it (A_decay, lane-major, see lane_major_A), A itself (only when asked: the
+// backward's gradient terms), D and delta_bias of every group, zeros for absent D / delta_bias; row b of a scan of
+// `rows` rows uses group b / (rows / groups).
 template <typename T>
 struct GroupParams {
   int64_t G, Dn, N, Dp, rows_per_group;
-  std::vector<T> A, zeros;
+  std::vector<T> A, A_decay, zeros;
   const T *D, *bias;  // (G, Dn) each
-  GroupParams(const Args& a, int64_t Dp_)
+  GroupParams(const Args& a, int64_t Dp_, bool with_A)
       : G(a.A.size(0)), Dn(a.A.size(1)), N(a.A.size(2)), Dp(Dp_), rows_per_group(a.u.size(0) / a.A.size(0)),
-        A(lane_major_A<T>(a.A, Dp_)), zeros(G * Dn, T(0)),
+        A(with_A ? lane_major_A<T>(a.A, Dp_, T(1)) : std::vector<T>()), A_decay(lane_major_A<T>(a.A, Dp_, decay_scale<T>())), zeros(G * Dn, T(0)),
         D(a.D.defined() ? a.D.data_ptr<T>() : zeros.data()),
         bias(a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data()) {}
   int64_t group(int64_t b) const { return b / rows_per_group; }
   const T* A_of(int64_t b) const { return A.data() + group(b) * N * Dp; }
+  const T* A_decay_of(int64_t b) const { return A_decay.data() + group(b) * N * Dp; }
   const T* D_of(int64_t b) const { return D + group(b) * Dn; }
   const T* bias_of(int64_t b) const { return bias + group(b) * Dn; }
 };
 
 #if defined(__AVX512F__)
-// exp_inline for 16 floats with AVX-512's vscalefps for the 2^n factor: the same clamp, Cody-Waite reduction and
-// polynomial in 13 vector ops instead of ~18 (no integer conversion, shift or upper clamp; scalef overflows to inf);
-// measured within 7.4e-8 relative of exp over [-87, 88], NaN kept.
-// A block step with it takes ~9% less time forward, ~7% less in the backward's recomputation (benchmarks/RESULTS.md).
-inline __m512 exp_f32x16(__m512 x) {
-  // >= -87: n >= -126 with r > 0, so no denormal result; x second, as max_ps returns it when either is NaN
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));  // p r^2 + r + 1 as (p r + 1) r + 1
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+// 2^x for 16 floats: n = round(x), f = x - n in [-1/2, 1/2] (exact), 2^f by a degree-6 polynomial (a minimax fit for
+// relative error), 2^n applied by vscalefps: 10 vector ops. Clamped below at -125 so that no result is denormal
+// (they would slow every later operation); NaN kept (max_ps returns its second operand when either is NaN).
+// Measured within 7.9e-8 relative of 2^x over [-125, 0] (every 1/200000; built with this file's flags).
+// exp(delta' A) as 2^(delta' (A log2 e)) with A pre-scaled costs 11 ops where exp with Cody-Waite reduction costs 14.
+inline __m512 exp2_f32x16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-125.0f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.534581242594868e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930903688073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022646248340607e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
 
-// block_step for float with kLanes == 16: one vector per state, written with intrinsics for exp_f32x16.
-template <bool kStoreDecay>
+// block_step for float with kLanes == 16: one vector per state, written with intrinsics for exp2_f32x16; A_blk is
+// A log2(e) (decay_scale). kKeep: multiply the decays by `keep` (the reset of acting); training has no keep.
+template <bool kStoreDecay, bool kKeep>
 inline void block_step_f32x16(const float* dl, const float* x, const float* A_blk, int64_t Dp, const float* Bp,
                               const float* Cp, float keep, int64_t N, const float* h_prev, float* h, float* a,
                               float* y) {
@@ -285,7 +296,8 @@ inline void block_step_f32x16(const float* dl, const float* x, const float* A_bl
   const __m512 dlv = _mm512_loadu_ps(dl), xv = _mm512_loadu_ps(x), kv = _mm512_set1_ps(keep);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t n = 0; n < N; ++n) {
-    const __m512 av = _mm512_mul_ps(kv, exp_f32x16(_mm512_mul_ps(dlv, _mm512_loadu_ps(A_blk + n * Dp))));
+    __m512 av = exp2_f32x16(_mm512_mul_ps(dlv, _mm512_loadu_ps(A_blk + n * Dp)));
+    if constexpr (kKeep) av = _mm512_mul_ps(kv, av);
     if constexpr (kStoreDecay) _mm512_storeu_ps(a + n * kLanes, av);
     const __m512 hv = _mm512_fmadd_ps(av, _mm512_loadu_ps(h_prev + n * kLanes),
                                       _mm512_mul_ps(xv, _mm512_set1_ps(Bp[n])));
@@ -296,14 +308,16 @@ inline void block_step_f32x16(const float* dl, const float* x, const float* A_bl
 }
 #endif
 
-// One step of one block of kLanes channels: a = keep exp(delta' A), h = a h_prev + x B and y = <h, C> per lane.
-// h_prev may be h itself (the forward updates in place); with kStoreDecay the decays go to `a` for the adjoint.
+// One step of one block of kLanes channels: a = keep exp(delta' A), h = a h_prev + x B and y = <h, C> per lane,
+// with A_blk = A decay_scale (see GroupParams::A_decay). h_prev may be h itself (the forward updates in place); with
+// kStoreDecay the decays go to `a` for the adjoint.
 template <typename T, bool kStoreDecay>
 inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, const T* Bp, const T* Cp, T keep,
                        int64_t N, const T* h_prev, T* h, T* a, T* y) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    block_step_f32x16<kStoreDecay>(dl, x, A_blk, Dp, Bp, Cp, keep, N, h_prev, h, a, y);
+    if (keep == 1.0f) block_step_f32x16<kStoreDecay, false>(dl, x, A_blk, Dp, Bp, Cp, keep, N, h_prev, h, a, y);
+    else block_step_f32x16<kStoreDecay, true>(dl, x, A_blk, Dp, Bp, Cp, keep, N, h_prev, h, a, y);
     return;
   }
 #endif
@@ -342,7 +356,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
   View3<T> keep;
   if (a.z.defined()) z = View3<IO>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const GroupParams<T> groups(a, Dp);
+  const GroupParams<T> groups(a, Dp, false);
   const T* h0 = a.h0.defined() ? a.h0.data_ptr<T>() : nullptr;
   IO* o = out.data_ptr<IO>();
   T* lst = last.data_ptr<T>();
@@ -358,7 +372,7 @@ std::vector<at::Tensor> forward_impl(const Args& a, bool save_starts) {
     for (int64_t b = r0; b < r1; ++b) {
       std::fill(h.begin(), h.end(), T(0));
       if (h0) to_lanes(h0 + b * Dn * N, Dn, N, h.data());
-      const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
+      const T *Ab = groups.A_decay_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t s = c * chunk, len = std::min(chunk, L - s);
         if (st) std::copy(h.begin(), h.end(), st + (b * n_chunks + c) * N * Dp);
@@ -424,7 +438,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
   View3<T> keep;
   if (a.z.defined()) z = View3<IO>(a.z);
   if (a.keep.defined()) keep = View3<T>(a.keep);
-  const GroupParams<T> groups(a, Dp);
+  const GroupParams<T> groups(a, Dp, true);
   const T* st = starts.data_ptr<T>();
   const T* gl = g_last.defined() ? g_last.data_ptr<T>() : nullptr;
   IO *gu = g_u.data_ptr<IO>(), *gdelta = g_delta.data_ptr<IO>(), *gB = g_B.data_ptr<IO>(), *gC = g_C.data_ptr<IO>();
@@ -446,7 +460,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
     std::vector<T> g_pre_buf(proj || !std::is_same_v<IO, T> ? Dn : 0);
     std::vector<T> B_buf(std::is_same_v<IO, T> ? 0 : T_max * N), C_buf(B_buf.size());
     for (int64_t b = r0; b < r1; ++b) {
-      const T *Ab = groups.A_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
+      const T *Ab = groups.A_of(b), *Ad = groups.A_decay_of(b), *Dv = groups.D_of(b), *bias = groups.bias_of(b);
       std::fill(carry.begin(), carry.end(), T(0));  // gradient reaching the state from later steps
       if (gl) to_lanes(gl + b * Dn * N, Dn, N, carry.data());
       std::fill(gA_acc.begin(), gA_acc.end(), T(0));
@@ -489,7 +503,7 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           std::copy(h_start, h_start + NL, hbuf.begin());
           for (int64_t j = 0; j < len; ++j) {
             const T k = keep ? keep.row(b, s + j)[0] : T(1);
-            block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ab + d0, Dp, Bs + j * ldB,
+            block_step<T, true>(dl.data() + j * Dp + d0, x.data() + j * Dp + d0, Ad + d0, Dp, Bs + j * ldB,
                                 Cs + j * ldC, k, N, &hbuf[j * NL], &hbuf[(j + 1) * NL], &abuf[j * NL],
                                 &y[j * Dp + d0]);
           }
