@@ -10,12 +10,13 @@ on a shared machine), both models --layers deep, the DT's width chosen so its pa
 MambaDM's; both built by ``build_model`` from the same config apart from the family and width. Table 1b: the same
 for the size presets named by --presets, each MambaDM preset against the DT preset of the same name, the
 parameter-matched pairs that the scaling grids train (configs/model/: same width, DT about twice as deep, since a
-GLoMa layer holds about 20 d^2 parameters and a transformer layer 12 d^2). Table 2: the same MambaDM step fed by the streaming
-loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one batch kept in
-memory, the two feeds alternating step by step (next() included in the streamed step's time). --compile: both
-models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up steps pay the
-compilation). --bf16: table 1's forward passes under bf16 autocast, what `train.mixed_precision=bf16` does on a
-CPU (worth it where the CPU has AMX). Every number is measured in this run, side by side.
+GLoMa layer holds about 20 d^2 parameters and a transformer layer 12 d^2). Table 2: the same MambaDM step fed by the
+streaming loader over real shards (``--shards``; collected + sharded Hopper data is made when omitted) vs by one
+batch kept in memory, the two feeds alternating step by step (next() included in the streamed step's time).
+--compile: both models compiled in place (`model.compile()`, what `train.compile=true` does; the warm-up steps pay
+the compilation). --bf16: the forward passes of tables 1 and 1b under bf16 autocast, what
+`train.mixed_precision=bf16` does on a CPU (worth it where the CPU has AMX). Every number is measured in this run,
+side by side.
 """
 from __future__ import annotations
 
@@ -113,8 +114,9 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="*", default=[8, 30, 120], help="none: only table 2")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--compile", action="store_true", help="compile both models (train.compile=true) in table 1")
-    p.add_argument("--bf16", action="store_true", help="table 1 under bf16 autocast (train.mixed_precision=bf16)")
+    p.add_argument("--compile", action="store_true", help="compile both models (train.compile=true) in tables 1 and 1b")
+    p.add_argument("--bf16", action="store_true",
+                   help="tables 1 and 1b under bf16 autocast (train.mixed_precision=bf16)")
     p.add_argument("--presets", nargs="*", default=["s", "m"],
                    help="size presets for table 1b (configs/model/<family>-<size>.yaml); none: skip it")
     p.add_argument("--threads", type=int, default=1,
@@ -149,8 +151,9 @@ def main() -> None:
                   f"{rate['dt']:.1f} | {rate['mambadm'] * tok:.0f} | {rate['dt'] * tok:.0f} | "
                   f"{rate['mambadm'] / rate['dt']:.2f} |", flush=True)
         if args.contexts and args.presets:
-            print("\n| size | K | MambaDM params (layers x d) | DT params (layers x d) | MambaDM samples/s | DT samples/s "
-                  "| MambaDM tokens/s | DT tokens/s | MambaDM / DT |\n|---|---|---|---|---|---|---|---|---|")
+            print("\n| size | K | MambaDM params (layers x d) | DT params (layers x d) | MambaDM samples/s "
+                  "| DT samples/s | MambaDM tokens/s | DT tokens/s | MambaDM / DT |")
+            print("|---|---|---|---|---|---|---|---|---|")
         for size in args.presets if args.contexts else []:
             for k in args.contexts:
                 base = [f"data.shards={shards}", f"data.context_len={k}", f"data.batch_size={args.batch}",

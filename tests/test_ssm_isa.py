@@ -27,7 +27,8 @@ def test_kernel_tests_pass_with_the_build_for_a_lesser_isa(capability, isa):
         pytest.skip(f"this machine's own build is {torch.backends.cpu.get_cpu_capability()}: nothing lesser to test")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     probe = subprocess.run(
-        [sys.executable, "-c", "from mambadm.ssm import scan_cpp; print(scan_cpp._isa_flags()[0], scan_cpp.cpp_missing())"],
+        [sys.executable, "-c",
+         "from mambadm.ssm import scan_cpp; print(scan_cpp._isa_flags()[0], scan_cpp.cpp_missing())"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert probe.stdout.split() == [isa, "None"], probe.stdout + probe.stderr

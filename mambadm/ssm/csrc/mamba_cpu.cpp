@@ -256,7 +256,8 @@ struct GroupParams {
   const T *D, *bias;  // (G, Dn) each
   GroupParams(const Args& a, int64_t Dp_, bool with_A)
       : G(a.A.size(0)), Dn(a.A.size(1)), N(a.A.size(2)), Dp(Dp_), rows_per_group(a.u.size(0) / a.A.size(0)),
-        A(with_A ? lane_major_A<T>(a.A, Dp_, T(1)) : std::vector<T>()), A_decay(lane_major_A<T>(a.A, Dp_, decay_scale<T>())), zeros(G * Dn, T(0)),
+        A(with_A ? lane_major_A<T>(a.A, Dp_, T(1)) : std::vector<T>()),
+        A_decay(lane_major_A<T>(a.A, Dp_, decay_scale<T>())), zeros(G * Dn, T(0)),
         D(a.D.defined() ? a.D.data_ptr<T>() : zeros.data()),
         bias(a.delta_bias.defined() ? a.delta_bias.data_ptr<T>() : zeros.data()) {}
   int64_t group(int64_t b) const { return b / rows_per_group; }
