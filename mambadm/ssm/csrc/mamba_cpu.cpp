@@ -340,6 +340,58 @@ inline void block_step(const T* dl, const T* x, const T* A_blk, int64_t Dp, cons
   std::copy(acc, acc + kLanes, y);
 }
 
+// One step of the adjoint recurrence for one block of kLanes channels, every state n (lane vectors at n * kLanes,
+// A_blk's at n * Dp): with g = C_t[n] dy_t + carry (the gradient reaching h_t),
+//   dC_t[n] += dy_t h_t,  dB_t[n] += g x_t,  g_x = sum_n g B_t[n],  g_a = sum_n g a_t h_{t-1} A,
+//   dA += g a_t h_{t-1} delta'_t,  carry = a_t g (the gradient reaching h_{t-1});
+// dB, dC as per-lane partial sums (added up over lanes by the caller), g_x and g_a per lane.
+template <typename T>
+inline void adjoint_step(const T* gy, const T* x, const T* dl, const T* Bp, const T* Cp, const T* A_blk, int64_t Dp,
+                         int64_t N, const T* h_prev, const T* h, const T* a, T* carry, T* gA, T* gB, T* gC, T* g_x,
+                         T* g_a) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(kLanes == 16, "one AVX-512 vector per block");
+    const __m512 gyv = _mm512_loadu_ps(gy), xv = _mm512_loadu_ps(x), dlv = _mm512_loadu_ps(dl);
+    __m512 sx = _mm512_setzero_ps(), sa = _mm512_setzero_ps();
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = n * kLanes;
+      const __m512 an = _mm512_loadu_ps(a + o);
+      const __m512 g = _mm512_fmadd_ps(gyv, _mm512_set1_ps(Cp[n]), _mm512_loadu_ps(carry + o));
+      _mm512_storeu_ps(gC + o, _mm512_fmadd_ps(gyv, _mm512_loadu_ps(h + o), _mm512_loadu_ps(gC + o)));
+      _mm512_storeu_ps(gB + o, _mm512_fmadd_ps(g, xv, _mm512_loadu_ps(gB + o)));
+      sx = _mm512_fmadd_ps(g, _mm512_set1_ps(Bp[n]), sx);
+      const __m512 gda = _mm512_mul_ps(_mm512_mul_ps(g, an), _mm512_loadu_ps(h_prev + o));
+      sa = _mm512_fmadd_ps(gda, _mm512_loadu_ps(A_blk + n * Dp), sa);
+      _mm512_storeu_ps(gA + o, _mm512_fmadd_ps(gda, dlv, _mm512_loadu_ps(gA + o)));
+      _mm512_storeu_ps(carry + o, _mm512_mul_ps(an, g));
+    }
+    _mm512_storeu_ps(g_x, sx);
+    _mm512_storeu_ps(g_a, sa);
+    return;
+  }
+#endif
+  T sx[kLanes] = {}, sa[kLanes] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t o = n * kLanes;
+    const T* An = A_blk + n * Dp;
+    const T bn = Bp[n], cn = Cp[n];
+#pragma omp simd
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const T g = gy[i] * cn + carry[o + i];
+      gC[o + i] += gy[i] * h[o + i];
+      gB[o + i] += g * x[i];
+      sx[i] += g * bn;
+      const T gda = g * a[o + i] * h_prev[o + i];
+      sa[i] += gda * An[i];
+      gA[o + i] += gda * dl[i];
+      carry[o + i] = a[o + i] * g;
+    }
+  }
+  std::copy(sx, sx + kLanes, g_x);
+  std::copy(sa, sa + kLanes, g_a);
+}
+
 // NS: d_state known at compile time (16, the default, lets the compiler unroll the state loops), or 0: any.
 // save_starts: keep the state at every chunk start (lane layout) for the backward; off when no gradient is needed.
 template <typename T, typename IO, int64_t NS>
@@ -512,36 +564,10 @@ std::vector<at::Tensor> backward_impl(const Args& a, const at::Tensor& starts, c
           T* cr = carry.data() + blk * NL;
           T* gAb = gA_acc.data() + blk * NL;
           for (int64_t j = len - 1; j >= 0; --j) {
-            const T* Bp = Bs + j * ldB;
-            const T* Cp = Cs + j * ldC;
-            const T* dlj = dl.data() + j * Dp + d0;
-            const T* xj = x.data() + j * Dp + d0;
-            const T* gyj = &gy[j * Dp + d0];
-            T g_x[kLanes] = {}, g_a[kLanes] = {};  // sum_n g B_t, sum_n g a h_{t-1} A
-            for (int64_t n = 0; n < N; ++n) {
-              const T* An = Ab + n * Dp + d0;
-              const T* hp = &hbuf[j * NL + n * kLanes];        // h_{t-1}
-              const T* hn = &hbuf[(j + 1) * NL + n * kLanes];  // h_t
-              const T* an = &abuf[j * NL + n * kLanes];
-              T* crn = cr + n * kLanes;
-              T* gAn = gAb + n * kLanes;
-              T* gBn = &gB_lanes[j * NL + n * kLanes];
-              T* gCn = &gC_lanes[j * NL + n * kLanes];
-              const T bn = Bp[n], cn = Cp[n];
-#pragma omp simd
-              for (int64_t i = 0; i < kLanes; ++i) {
-                const T g = gyj[i] * cn + crn[i];
-                gCn[i] += gyj[i] * hn[i];
-                gBn[i] += g * xj[i];
-                g_x[i] += g * bn;
-                const T gda = g * an[i] * hp[i];
-                g_a[i] += gda * An[i];
-                gAn[i] += gda * dlj[i];
-                crn[i] = an[i] * g;
-              }
-            }
-            std::copy(g_x, g_x + kLanes, &gx[j * Dp + d0]);
-            std::copy(g_a, g_a + kLanes, &ga[j * Dp + d0]);
+            const int64_t o = j * Dp + d0;
+            adjoint_step(&gy[o], &x[o], &dl[o], Bs + j * ldB, Cs + j * ldC, Ab + d0, Dp, N, &hbuf[j * NL],
+                         &hbuf[(j + 1) * NL], &abuf[j * NL], cr, gAb, &gB_lanes[j * NL], &gC_lanes[j * NL], &gx[o],
+                         &ga[o]);
           }
         }
         // Per channel, vectorised over all channels: dz from out = (y + D u) * silu(z); du and d delta (through
