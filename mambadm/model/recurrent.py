@@ -163,7 +163,7 @@ def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
     def pair(fn) -> Tensor:  # both branches stacked: (2, ...)
         return torch.stack([fn(g), fn(l)])
 
-    fuse = getattr(block, {"add": "", "gate": "gate", "concat": "merge"}[block.fusion], None)
+    fuse = {"add": None, "gate": getattr(block, "gate", None), "concat": getattr(block, "merge", None)}[block.fusion]
     weights = [
         block.norm1.weight, block.norm1.bias,
         torch.cat([g.in_proj.weight, l.in_proj.weight]),

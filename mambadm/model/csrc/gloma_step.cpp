@@ -147,7 +147,9 @@ void gelu_inplace(at::Tensor& a, bool tanh_approximation) {
   if (tanh_approximation) {
     const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + std::tanh(k * (p[i] + 0.044715f * p[i] * p[i] * p[i])));
+    for (int64_t i = 0; i < n; ++i) {
+      p[i] = 0.5f * p[i] * (1.0f + std::tanh(k * (p[i] + 0.044715f * p[i] * p[i] * p[i])));
+    }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + std::erf(p[i] * static_cast<float>(M_SQRT1_2)));
