@@ -17,6 +17,7 @@ from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model.embeddings import ActionHead, TokenEmbedding, atari_encoder_flops
 
 BATCH_KEYS = ("rtg", "states", "actions", "timesteps")  # "frames" may stand in for "states", see batch_states
+TOKENS_PER_STEP = 3  # a timestep is three tokens: return-to-go, state, action
 
 
 def batch_states(batch: dict[str, Tensor], frame_stack: int) -> Tensor:
@@ -41,6 +42,9 @@ class WindowState:
     timesteps: Tensor  # (B, K)
     length: Tensor  # (B,) valid steps at the end of the buffers
 
+    def advance(self, model: "DecisionModel", rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> Tensor:
+        return model.act_window(self, rtg, obs, prev_action, t)[0]
+
 
 @dataclass
 class TokenWindow:
@@ -50,6 +54,9 @@ class TokenWindow:
 
     tokens: Tensor  # (B, K, 3, d)
     length: Tensor  # (B,)
+
+    def advance(self, model: "DecisionModel", rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> Tensor:
+        return model.act_token_window(self, rtg, obs, prev_action, t)[0]
 
 
 class DecisionModel(nn.Module):
@@ -105,6 +112,12 @@ class DecisionModel(nn.Module):
         for key, shape in expected.items():
             if tuple(batch[key].shape) != tuple(shape):
                 raise ValueError(f"batch['{key}'] must have shape {tuple(shape)}, got {tuple(batch[key].shape)}")
+
+    # ------------------------------------------------------------------------------------------- parallelism
+    def zero3_leaf_modules(self) -> list[type[nn.Module]]:
+        """Module classes DeepSpeed ZeRO-3 must gather whole (their forward reads a sub-module's weight directly
+        instead of calling it, which per-module gathering would leave empty); none in the shared parts."""
+        return []
 
     # ------------------------------------------------------------------------------------------- acting
     def init_state(self, batch_size: int, mode: str = "window", context_len: int = 30, reencode: bool = False) -> Any:
