@@ -16,21 +16,22 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from mambadm import data as data_lib
 from mambadm.checkpoint import TrainerState, prune, resolve_resume, save_checkpoint
-from mambadm.config import ConfigError, load_config, to_yaml
-from mambadm.export import dataset_info, save_export, spec_from_dict
+from mambadm.config import ConfigError, EnvSpec, load_config, to_yaml
+from mambadm.export import dataset_info, save_export
 from mambadm.metrics import MetricsLogger
+from mambadm.model import DecisionModel, build_model
+from mambadm.model.base import TOKENS_PER_STEP
 from mambadm.optim import make_optimizer, make_scheduler
-
-TOKENS_PER_STEP = 3  # return-to-go, state, action
 
 
 class Objective(nn.Module):
@@ -115,139 +116,252 @@ def write_rank_record(run_dir: Path, accelerator: Any, objective: nn.Module, fir
     (out / f"rank-{accelerator.process_index:02d}.json").write_text(json.dumps(record, indent=2))
 
 
-def train(cfg: Any, accelerator: Any) -> TrainerState:
-    from mambadm.model import build_model
+def zero_stage(accelerator: Any) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin is not None else 0
 
-    run_dir = Path(cfg.train.run_dir)
-    config_yaml = to_yaml(cfg)
-    index = data_lib.read_index(cfg.data.shards)
-    train_shards, val_shards = data_lib.select_shards(index, cfg.data)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if val_shards and len(val_shards) < world:
-        raise ConfigError(f"data.val_shards={len(val_shards)}: the exact validation pass needs at least one "
-                          f"held-out shard per process ({world})")
-    spec = spec_from_dict(index["env_spec"])
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, spec)
-    n_params = model.num_params()
-    flops_per_token = model.flops_per_token(cfg.data.context_len)
-    zero_stage = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-                  if accelerator.state.deepspeed_plugin is not None else 0)
-    if zero_stage == 3:  # the mixer reads dt_proj.weight directly (F.linear): gather its params as one unit
+
+def mark_zero3_leaf_modules(model: DecisionModel, accelerator: Any) -> None:
+    """Under ZeRO-3, the module classes the model declares (``zero3_leaf_modules``) are gathered as one unit."""
+    leaves = model.zero3_leaf_modules()
+    if zero_stage(accelerator) == 3 and leaves:
         from deepspeed.utils import set_z3_leaf_modules
 
-        from mambadm.ssm import Mamba
-        if any(isinstance(m, Mamba) for m in model.modules()):
-            set_z3_leaf_modules(model, [Mamba])
-    if cfg.train.compile:  # in place: the state dict keeps its keys, so checkpoints and exports are unchanged
-        model.compile()
-        accelerator.print("train.compile: the model is compiled with torch.compile (first steps are slow)")
-    objective = Objective(model)
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+        set_z3_leaf_modules(model, leaves)
 
-    state = TrainerState()
-    resume_from = resolve_resume(run_dir, cfg.train.resume)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+
+@dataclass(frozen=True)
+class Boundary:
+    """What the end of a step triggers. A checkpoint implies validation, and validation implies a log row."""
+
+    log: bool
+    validate: bool
+    checkpoint: bool
+
+
+def boundary_at(step: int, train_cfg: Any) -> Boundary:
+    """The cadences ``train.log_every`` / ``val_every`` / ``ckpt_every`` at ``step`` (1-based: the updates done);
+    the final step (``train.steps``) always checkpoints."""
+    checkpoint = step % train_cfg.ckpt_every == 0 or step == train_cfg.steps
+    validate = step % train_cfg.val_every == 0 or checkpoint
+    return Boundary(log=step % train_cfg.log_every == 0 or validate, validate=validate, checkpoint=checkpoint)
+
+
+class Throughput:
+    """Samples and tokens since the last restart (after a log row or a checkpoint), for samples/s and tokens/s."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.samples, self.tokens = time.time(), 0, 0
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> tuple[float, float]:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return self.samples / elapsed, self.tokens / elapsed
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean over the step's micro-batches, this rank
+    grad_norm: Optional[torch.Tensor]  # of the synchronised gradients, before clipping
+
+
+class Trainer:
+    """One run: the constructor sets up data, model, optimizer and resume; ``fit`` runs ``train_step`` and
+    ``on_boundary`` (log / validate / checkpoint) until ``train.steps``, then ``export``. ``state`` (step, samples,
+    transitions and tokens seen, validation losses) is checkpointed with the model and restored on resume."""
+
+    def __init__(self, cfg: Any, accelerator: Any):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.run_dir = Path(cfg.train.run_dir)
+        self.config_yaml = to_yaml(cfg)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.setup_data()
+        self.setup_model()
+        self.state = self.resume()
+        self.announce()
+        if cfg.train.tensorboard:
+            accelerator.init_trackers("tensorboard")
+        self.metrics = MetricsLogger(accelerator, self.run_dir, self.state.step, cfg.train.steps, cfg.train.progress)
+        self.throughput = Throughput()
+        self.first_batch: Optional[str] = None  # fingerprint, for ranks/
+        self.micro_batches = 0
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup_data(self) -> None:
+        self.index = data_lib.read_index(self.cfg.data.shards)
+        self.train_shards, self.val_shards = data_lib.select_shards(self.index, self.cfg.data)
+        if self.val_shards and len(self.val_shards) < self.world:
+            raise ConfigError(f"data.val_shards={len(self.val_shards)}: the exact validation pass needs at least "
+                              f"one held-out shard per process ({self.world})")
+        index_path = Path(self.cfg.data.shards) / "index.json"
+        self.spec = EnvSpec.from_dict(self.index.get("env_spec"), f"{index_path}: env_spec")
+
+    def setup_model(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.spec)
+        self.n_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(cfg.data.context_len)
+        mark_zero3_leaf_modules(model, accelerator)
+        if cfg.train.compile:  # in place: the state dict keeps its keys, so checkpoints and exports are unchanged
+            model.compile()
+            accelerator.print("train.compile: the model is compiled with torch.compile (first steps are slow)")
+        optimizer = make_optimizer(model, cfg.optim)
+        scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.objective, self.optimizer, self.scheduler = accelerator.prepare(Objective(model), optimizer, scheduler)
+
+    def resume(self) -> TrainerState:
+        resume_from = resolve_resume(self.run_dir, self.cfg.train.resume)
+        if resume_from is None:
+            return TrainerState()
+        self.accelerator.load_state(str(resume_from))
         state = TrainerState.load(resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        accelerator.print(f"{cfg.model.family}: {n_params:,} parameters; {len(train_shards)} training shards "
-                          f"({data_lib.transitions_of(train_shards):,} transitions), {len(val_shards)} validation "
-                          f"shards; {world} process(es), {accelerator.distributed_type}, precision "
+        self.accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        return state
+
+    def announce(self) -> None:
+        """The resolved config into the run directory and one startup line (main process)."""
+        accelerator, train_shards = self.accelerator, self.train_shards
+        if not accelerator.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        accelerator.print(f"{self.cfg.model.family}: {self.n_params:,} parameters; {len(train_shards)} training "
+                          f"shards ({data_lib.transitions_of(train_shards):,} transitions), {len(self.val_shards)} "
+                          f"validation shards; {self.world} process(es), {accelerator.distributed_type}, precision "
                           f"{accelerator.mixed_precision}")
-    if cfg.train.tensorboard:
-        accelerator.init_trackers("tensorboard")
-    metrics = MetricsLogger(accelerator, run_dir, state.step, cfg.train.steps, cfg.train.progress)
 
-    def val_loss() -> float:
-        if not val_shards:
-            return float("nan")
-        loader = data_lib.make_loader(val_shards, index, cfg.data, rank, world, seed=0, exact=True,
-                                      num_workers=min(cfg.data.num_workers, len(val_shards) // world))
-        return validate(accelerator, objective, loader, cfg.train.val_batches)
+    def new_segment(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The training stream from ``step`` on, a pure function of (seed, rank, step)."""
+        seed = data_lib.stream_seed(self.cfg.train.seed, step)
+        return iter(data_lib.make_loader(self.train_shards, self.index, self.cfg.data, self.rank, self.world,
+                                         seed=seed, exact=False))
 
-    def new_segment(step: int):  # the stream from `step` on is a pure function of (seed, rank, step)
-        seed = data_lib.stream_seed(cfg.train.seed, step)
-        return iter(data_lib.make_loader(train_shards, index, cfg.data, rank, world, seed=seed, exact=False))
+    # ------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainerState:
+        if self.state.step == 0 and self.val_shards:  # the starting point of the validation curve
+            self.metrics.log({"step": 0, "val_loss": self.val_loss(), "params": self.n_params, "tokens_seen": 0,
+                              "flops": 0.0})
+        self.batches = self.new_segment(self.state.step)
+        self.throughput.restart()
+        self.objective.train()
+        while self.state.step < self.cfg.train.steps:
+            result = self.train_step()
+            self.on_boundary(boundary_at(self.state.step, self.cfg.train), result)
+        self.metrics.close()
+        self.export()
+        return self.state
 
-    if state.step == 0 and val_shards:  # the starting point of the validation curve
-        metrics.log({"step": 0, "val_loss": val_loss(), "params": n_params, "tokens_seen": 0, "flops": 0.0})
-    batches = new_segment(state.step)
-    first_batch, micro_batches = None, 0
-    window = {"t": time.time(), "samples": 0, "tokens": 0}
-    objective.train()
-    while state.step < cfg.train.steps:
-        loss_sum = torch.zeros((), device=accelerator.device)
-        seen = torch.zeros(2, device=accelerator.device)  # windows, unpadded steps (this rank)
+    def train_step(self) -> StepResult:
+        """One optimizer update over ``optim.grad_accum`` micro-batches; advances the state's step and counts."""
+        device, accum = self.accelerator.device, self.cfg.optim.grad_accum
+        loss_sum = torch.zeros((), device=device)
+        seen = torch.zeros(2, device=device)  # windows, unpadded steps (this rank)
         grad_norm = None
-        for _ in range(cfg.optim.grad_accum):
-            batch = data_lib.to_device(next(batches), accelerator.device)
-            first_batch = first_batch or data_fingerprint(batch)
-            micro_batches += 1
-            with accelerator.accumulate(objective):
-                loss = objective(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / cfg.optim.grad_accum
-            seen += torch.stack([torch.tensor(float(batch["mask"].shape[0]), device=accelerator.device),
+        for _ in range(accum):
+            batch = data_lib.to_device(next(self.batches), device)
+            self.first_batch = self.first_batch or data_fingerprint(batch)
+            self.micro_batches += 1
+            loss, norm = self.micro_step(batch)
+            grad_norm = grad_norm if norm is None else norm
+            loss_sum += loss / accum
+            seen += torch.stack([torch.tensor(float(batch["mask"].shape[0]), device=device),
                                  batch["mask"].sum().float()])
+        self.count(seen)
+        return StepResult(loss=loss_sum, grad_norm=grad_norm)
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Forward and backward of one micro-batch; the update (clip, AdamW, schedule) at the accumulation's end."""
+        accelerator, grad_norm = self.accelerator, None
+        with accelerator.accumulate(self.objective):
+            loss = self.objective(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            if accelerator.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), grad_norm
+
+    def count(self, seen: torch.Tensor) -> None:
+        """One more update; its windows and unpadded steps, summed over ranks, into the state and the throughput."""
+        samples, transitions = (int(v) for v in self.accelerator.reduce(seen, reduction="sum").tolist())
+        state = self.state
         state.step += 1
-        seen = accelerator.reduce(seen, reduction="sum")
-        state.samples_seen += int(seen[0].item())
-        state.transitions_seen += int(seen[1].item())
+        state.samples_seen += samples
+        state.transitions_seen += transitions
         state.tokens_seen = TOKENS_PER_STEP * state.transitions_seen
-        window["samples"] += int(seen[0].item())
-        window["tokens"] += TOKENS_PER_STEP * int(seen[1].item())
+        self.throughput.add(samples, TOKENS_PER_STEP * transitions)
 
-        at_ckpt = state.step % cfg.train.ckpt_every == 0 or state.step == cfg.train.steps
-        at_val = state.step % cfg.train.val_every == 0 or at_ckpt
-        at_log = state.step % cfg.train.log_every == 0 or at_val
-        if at_log:
-            loss_mean = accelerator.reduce(loss_sum, reduction="mean").item()
-            elapsed = max(time.time() - window["t"], 1e-9)
-            row = {"step": state.step, "loss": loss_mean, "val_loss": None, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
-                   "params": n_params, "tokens_seen": state.tokens_seen,
-                   "transitions_seen": state.transitions_seen, "samples_seen": state.samples_seen,
-                   "flops": flops_per_token * state.tokens_seen}
-            if at_val:
-                state.last_val = val_loss()
-                row["val_loss"] = state.last_val
-            better = state.best_val is None or (state.last_val or math.inf) < state.best_val
-            if at_ckpt and state.last_val is not None and math.isfinite(state.last_val) and better:
-                state.best_val, state.best_step = state.last_val, state.step  # best among checkpoints
-            metrics.log(row)
-            metrics.progress(state.step, loss_mean, row["samples_per_s"], row["tokens_per_s"])
-            window = {"t": time.time(), "samples": 0, "tokens": 0}
-        if at_ckpt:
-            save_checkpoint(accelerator, run_dir, state, config_yaml)
-            if accelerator.is_main_process:
-                prune(run_dir, cfg.train.keep_last, state.best_step)
-            accelerator.wait_for_everyone()
-            if state.step < cfg.train.steps:
-                batches = new_segment(state.step)
-            window["t"] = time.time()
-    metrics.close()
+    # ------------------------------------------------------------------------------------------- boundaries
+    def on_boundary(self, boundary: Boundary, result: StepResult) -> None:
+        if boundary.log:
+            self.log(result, validate=boundary.validate)
+        if boundary.checkpoint:
+            self.checkpoint()
 
-    full_state = accelerator.get_state_dict(objective)  # collective: gathers ZeRO-3 shards
-    if accelerator.is_main_process:
-        weights = {k.removeprefix("model."): v for k, v in full_state.items()}
-        save_export(run_dir / "export", accelerator.unwrap_model(objective).model, cfg, spec, dataset_info(index),
-                    state_dict=weights)
-        accelerator.print(f"export written to {run_dir / 'export'}")
-    write_rank_record(run_dir, accelerator, objective, first_batch, micro_batches)
-    accelerator.wait_for_everyone()
-    return state
+    def log(self, result: StepResult, validate: bool) -> None:
+        """A metrics.jsonl row (and TensorBoard scalars, progress bar) for the step just done."""
+        state = self.state
+        loss = self.accelerator.reduce(result.loss, reduction="mean").item()
+        samples_per_s, tokens_per_s = self.throughput.rates()
+        row = {"step": state.step, "loss": loss, "val_loss": None, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
+               "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "params": self.n_params,
+               "tokens_seen": state.tokens_seen, "transitions_seen": state.transitions_seen,
+               "samples_seen": state.samples_seen, "flops": self.flops_per_token * state.tokens_seen}
+        if validate:
+            state.last_val = row["val_loss"] = self.val_loss()
+        self.metrics.log(row)
+        self.metrics.progress(state.step, loss, samples_per_s, tokens_per_s)
+        self.throughput.restart()
+
+    def val_loss(self) -> float:
+        if not self.val_shards:
+            return float("nan")
+        workers = min(self.cfg.data.num_workers, len(self.val_shards) // self.world)
+        loader = data_lib.make_loader(self.val_shards, self.index, self.cfg.data, self.rank, self.world, seed=0,
+                                      exact=True, num_workers=workers)
+        return validate(self.accelerator, self.objective, loader, self.cfg.train.val_batches)
+
+    def checkpoint(self) -> None:
+        """Notes the best validation loss among checkpoints, saves atomically, prunes, and restarts the data
+        stream at this step (so a run resumed here reads the same batches)."""
+        state, accelerator = self.state, self.accelerator
+        val = state.last_val
+        if val is not None and math.isfinite(val) and (state.best_val is None or val < state.best_val):
+            state.best_val, state.best_step = val, state.step
+        save_checkpoint(accelerator, self.run_dir, state, self.config_yaml)
+        if accelerator.is_main_process:
+            prune(self.run_dir, self.cfg.train.keep_last, state.best_step)
+        accelerator.wait_for_everyone()
+        if state.step < self.cfg.train.steps:
+            self.batches = self.new_segment(state.step)
+        self.throughput.restart()
+
+    # ------------------------------------------------------------------------------------------- the end
+    def export(self) -> None:
+        """The full weights (gathered from ZeRO-3 shards: a collective) into RUN/export; each rank's record."""
+        accelerator, export_dir = self.accelerator, self.run_dir / "export"
+        full_state = accelerator.get_state_dict(self.objective)
+        if accelerator.is_main_process:
+            weights = {k.removeprefix("model."): v for k, v in full_state.items()}
+            save_export(export_dir, accelerator.unwrap_model(self.objective).model, self.cfg, self.spec,
+                        dataset_info(self.index), state_dict=weights)
+            accelerator.print(f"export written to {export_dir}")
+        write_rank_record(self.run_dir, accelerator, self.objective, self.first_batch, self.micro_batches)
+        accelerator.wait_for_everyone()
+
+
+def train(cfg: Any, accelerator: Any) -> TrainerState:
+    return Trainer(cfg, accelerator).fit()
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
