@@ -18,8 +18,7 @@ import torch
 
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model import build_model
-from mambadm.model.mambadm import RecurrentState
-from mambadm.model.recurrent import PairWeights, allocate_pair_cache
+from mambadm.model.recurrent import BlockSteps
 
 SETTINGS = {  # name: (spec, n_layer, n_head, K, envs)
     "atari, 1 env": (EnvSpec(), 6, 8, 30, 1),
@@ -38,11 +37,10 @@ def inputs(spec: EnvSpec, envs: int, t: int):
 
 def prepared(model, mode: str, spec: EnvSpec, K: int, envs: int, t: int, reencode: bool = False):
     """An acting state that has played the steps just before t (DT: a full window of K; MambaDM: a few). mode
-    "python": MambaDM's recurrent state for the readable Python layer step, where `init_state` would pick the C++
-    stack step."""
+    "python": MambaDM's recurrent state for the readable step (`GLoMaBlock.step`), where `init_state` would pick the
+    C++ stack step."""
     if mode == "python":
-        state = RecurrentState([PairWeights.of(layer) for layer in model.layers],
-                               [allocate_pair_cache(layer, envs, torch.device("cpu")) for layer in model.layers])
+        state = BlockSteps.of(model.layers, envs, torch.device("cpu"))
     else:
         state = model.init_state(envs, mode=mode, context_len=K, reencode=reencode)
     for s in range(max(0, t - (K if mode == "window" else 3)), t):
@@ -65,7 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--window", action="store_true", help="also time MambaDM mode='window'")
     parser.add_argument("--python-step", action="store_true",
-                        help="also time MambaDM's recurrent step through the Python layer step (no C++ stack step)")
+                        help="also time MambaDM's recurrent step through the readable GLoMaBlock.step (no C++ stack step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -7,8 +7,7 @@ import torch
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model import build_model
 from mambadm.model.gloma import GLoMaBlock
-from mambadm.model.mambadm import RecurrentState
-from mambadm.model.recurrent import PairWeights, StackStep, allocate_pair_cache
+from mambadm.model.recurrent import BlockSteps, StackStep
 
 ATARI = EnvSpec("atari", [4, 84, 84], 4, True, 64)
 MUJOCO = EnvSpec("vector", [11], 3, False, 1000)
@@ -103,14 +102,14 @@ def with_every_option(model: torch.nn.Module, tanh_gelu: bool) -> torch.nn.Modul
 
 
 @pytest.mark.parametrize("fusion,tanh_gelu", [("add", False), ("gate", True), ("concat", False)])
-def test_cpp_stack_step_equals_python_layer_step(fusion, tanh_gelu, seed):
-    """The whole stack in one C++ call (`StackStep`) against the readable per-layer step, outputs and both states,
-    over 10 actions of 3 envs whose episodes start at different calls (local windows of 3 steps)."""
+def test_cpp_stack_step_equals_the_readable_step(fusion, tanh_gelu, seed):
+    """The whole stack in one C++ call (`StackStep`) against the readable step (`GLoMaBlock.step` over `Mamba.step`),
+    outputs and both states, over 10 actions of 3 envs whose episodes start at different calls (local windows of 3
+    steps)."""
     model = with_every_option(tiny("mambadm", MUJOCO, fusion=fusion, backend="cpp"), tanh_gelu)
     stack = model.init_state(3)
     assert isinstance(stack, StackStep)
-    python = RecurrentState([PairWeights.of(layer) for layer in model.layers],
-                            [allocate_pair_cache(layer, 3, torch.device("cpu")) for layer in model.layers])
+    python = BlockSteps.of(model.layers, 3, torch.device("cpu"))
     ep = random_batch(MUJOCO, B=3, K=10)
     starts = torch.tensor([0, 2, 7])  # env b starts its episode at call starts[b]; before that, steps 4, 5, ...
     for call in range(10):
@@ -119,25 +118,27 @@ def test_cpp_stack_step_equals_python_layer_step(fusion, tanh_gelu, seed):
         p_stack, stack = model.act(stack, rtg, obs, prev, t)
         p_python, python = model.act(python, rtg, obs, prev, t)
         torch.testing.assert_close(p_stack, p_python, atol=1e-5, rtol=1e-5)
-    for i, cache in enumerate(python.caches):  # (B, 2, d_inner, k) / (B, 2, d_inner, d_state) there
-        torch.testing.assert_close(stack.conv[i].permute(1, 0, 3, 2), cache.conv, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(stack.ssm[i].transpose(0, 1), cache.ssm, atol=1e-5, rtol=1e-5)
+    for i, cache in enumerate(python.caches):  # per branch (B, d_inner, k) / (B, d_inner, d_state) there
+        for branch, mixer_cache in enumerate((cache.global_, cache.local)):
+            torch.testing.assert_close(stack.conv[i, branch].transpose(1, 2), mixer_cache.conv_state, atol=1e-5,
+                                       rtol=1e-5)
+            torch.testing.assert_close(stack.ssm[i, branch], mixer_cache.ssm_state, atol=1e-5, rtol=1e-5)
     assert stack.ssm.abs().max() > 0.1  # the states carry something
 
 
 def test_cpp_stack_step_is_used_where_it_applies(seed):
     cpp, fast = tiny("mambadm", MUJOCO, backend="cpp"), tiny("mambadm", MUJOCO, backend="fast")
     assert isinstance(cpp.init_state(2), StackStep)
-    assert isinstance(fast.init_state(2), RecurrentState)  # no C++: the readable step
+    assert isinstance(fast.init_state(2), BlockSteps)  # no C++: the readable step
     assert isinstance(cpp.train().init_state(2), StackStep)  # dropout 0: nothing the C++ step leaves out
     dropping = build_model(ModelConfig(family="mambadm", n_layer=2, d_model=32, d_state=8, dropout=0.1,
                                        backend="cpp"), MUJOCO).train()
-    assert isinstance(dropping.init_state(2), RecurrentState)  # dropout active: only the Python step applies it
+    assert isinstance(dropping.init_state(2), BlockSteps)  # dropout active: only the Python step applies it
     stack = cpp.eval().init_state(2)
     with pytest.raises(ValueError, match=r"2 envs.*\(3, 3, 32\)"):
-        stack(torch.zeros(3, 3, 32), torch.zeros(3, dtype=torch.long))
+        stack.run(torch.zeros(3, 3, 32), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"int64, got \(2, 3, 32\) and \(2,\) torch.int32"):
-        stack(torch.zeros(2, 3, 32), torch.zeros(2, dtype=torch.int32))
+        stack.run(torch.zeros(2, 3, 32), torch.zeros(2, dtype=torch.int32))
 
 
 def test_gloma_block_step_token_by_token_equals_forward(seed):
@@ -275,3 +276,13 @@ def test_flops_per_token_grows_with_size_and_context():
     assert mdm.flops_per_token(30) > tiny("mambadm", MUJOCO).flops_per_token(30) > 0  # the CNN counts
     assert mdm.flops_per_token(30) == mdm.flops_per_token(60)  # no context term for the SSM
     assert mdm.num_params(non_embedding=True) < mdm.num_params()
+
+
+def test_each_family_declares_its_zero3_leaf_modules():
+    """MambaDM's mixers run their parameters through fused autograd functions: ZeRO-3 gathers each mixer whole."""
+    from mambadm.ssm import Mamba
+
+    mdm = tiny("mambadm", MUJOCO)
+    assert mdm.zero3_leaf_modules() == [Mamba]
+    assert any(isinstance(m, Mamba) for m in mdm.modules())
+    assert tiny("dt", MUJOCO).zero3_leaf_modules() == []

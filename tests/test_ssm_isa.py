@@ -1,6 +1,6 @@
 """The CPU kernels as built for a machine with a lesser vector ISA than this one.
 
-The extension is compiled for the ISA torch reports (mambadm/ssm/scan_cpp.py): AVX-512 machines get the intrinsics
+The extension is compiled for the ISA torch reports (mambadm/kernels/build.py): AVX-512 machines get the intrinsics
 state loop (decays in base 2 with A pre-scaled), AVX2 and older ones the portable loop (natural-base exp). A
 subprocess with ATEN_CPU_CAPABILITY lowered makes torch report the lesser ISA, so the portable build is compiled
 and every kernel test of the scan, the conv, the mixer and the recurrent stack step runs against it.
@@ -28,7 +28,7 @@ def test_kernel_tests_pass_with_the_build_for_a_lesser_isa(capability, isa):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     probe = subprocess.run(
         [sys.executable, "-c",
-         "from mambadm.ssm import scan_cpp; print(scan_cpp._isa_flags()[0], scan_cpp.cpp_missing())"],
+         "from mambadm.kernels import build; print(build._isa_flags()[0], build.cpp_missing())"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert probe.stdout.split() == [isa, "None"], probe.stdout + probe.stderr

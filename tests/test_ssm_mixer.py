@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mambadm.config import ModelConfig
-from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, available_backends
-from mambadm.ssm.mixer import causal_depthwise_conv
-from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, cpp_missing
+from mambadm.ssm import BackendUnavailableError, Mamba, MambaCache, SegmentMasks, available_backends
+from mambadm.kernels.build import cpp_missing
+from mambadm.ssm.conv import causal_depthwise_conv
+from mambadm.ssm.scan_cpp import causal_conv_silu_cpp
 from mambadm.ssm.scan_cuda import cuda_missing
 
 CUDA_REASON = cuda_missing()
@@ -80,22 +81,34 @@ def test_forward_equals_successive_steps(backend):
     assert cache.ssm_state[[0, 2]].abs().sum() == 0 and cache.ssm_state[1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", ["fast", "cpp"])
-def test_module_grads_match_ref(backend):
-    torch.manual_seed(2)
-    ref = Mamba(32, d_state=16, backend="ref")
-    fast = Mamba(32, d_state=16, backend=backend)
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 45, 32)
-    grad = torch.randn(2, 45, 32)
-    outs = []
-    for m in (ref, fast):
-        y = m(x)
-        y.backward(grad)
-        outs.append(y)
-    assert _rel(outs[1], outs[0]) < 1e-5
-    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        assert _rel(p_fast.grad, p_ref.grad) < 1e-4, name
+@pytest.mark.parametrize("segment", [None, 6])
+def test_step_over_chunks_with_resets_equals_forward(segment):
+    """Mamba.step over chunks of uneven sizes from a cache that carries an older sequence, the segment starts (the
+    sequence start, window starts) as masks, equals `forward` on the windows: outputs and the final states."""
+    torch.manual_seed(4)
+    m = Mamba(24, d_state=8, backend="ref")
+    x = torch.randn(3, 21, 24)
+    history = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        whole = m(x, segment=segment)
+        cache = m.allocate_cache(3)
+        m.step(history[:, :5], cache)  # a history every row carries into the chunks below
+        outs, start = [], 0
+        for size in (4, 5, 1, 3, 8):
+            index = start + torch.arange(size)  # token index within x
+            starts = (index == 0) if segment is None else (index % segment == 0)
+            starts = starts.expand(3, size).clone()
+            outs.append(m.step(x[:, start:start + size], cache, SegmentMasks.build(starts, m.d_conv)))
+            start += size
+        stepped = torch.cat(outs, dim=1)
+    torch.testing.assert_close(stepped, whole, atol=1e-5, rtol=0)
+    tail = segment or x.shape[1]
+    last = x[:, -(x.shape[1] - (x.shape[1] - 1) // tail * tail):]  # the last window
+    fresh = m.allocate_cache(3)
+    with torch.no_grad():
+        m.step(last, fresh)
+    torch.testing.assert_close(cache.ssm_state, fresh.ssm_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.conv_state, fresh.conv_state, atol=1e-6, rtol=0)
 
 
 def test_A_discrete_shape_and_range():
@@ -241,49 +254,64 @@ def test_cpp_conv_silu_segments_equal_windows_run_separately(segment, length):
         causal_conv_silu_cpp(u, conv.weight, conv.bias, 0)
 
 
-@pytest.mark.parametrize("segment,length", [(12, 45), (12, 36), (9, 5)])
-def test_segmented_forward_cpp_in_place_equals_windows_in_the_batch(segment, length):
-    """Mamba(x, segment): the cpp kernels restart conv and state in place; ref and fast fold the windows into
-    the batch. Same outputs and parameter gradients (the GLoMa local branch)."""
+def _cpu_backends() -> list[str]:
+    """Every backend that runs on this CPU: ref, fast, cpp where it builds, triton in its interpreter."""
+    names = available_backends("cpu")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return names
+    return names + ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else names
+
+
+def _windows_by_hand(m: Mamba, x: torch.Tensor, segment: int | None) -> torch.Tensor:
+    """The mixer on each window of `segment` tokens as its own sequence, on the reference scan (scan_ref.py)."""
+    segment = segment or x.shape[1]
+    return torch.cat([m(x[:, i:i + segment]) for i in range(0, x.shape[1], segment)], dim=1)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("segment,length", [(None, 45), (12, 45), (12, 36), (9, 5)])
+def test_every_cpu_backend_through_the_mixer_equals_the_reference_scan(backend, segment, length):
+    """Mamba.forward on each backend (its own conv and scan route: in place or windows folded into the batch) against
+    the reference scan run window by window by hand: outputs, input and parameter gradients (the GLoMa local branch
+    with `segment`)."""
     torch.manual_seed(8)
-    mixers = {name: Mamba(32, d_state=16, backend=name) for name in ("ref", "fast", "cpp")}
-    for m in mixers.values():
-        m.load_state_dict(mixers["ref"].state_dict())
-    x = torch.randn(2, length, 32)
-    grad = torch.randn(2, length, 32)
-    outs = {}
-    for name, m in mixers.items():
-        y = m(x, segment=segment)
+    ref, m = Mamba(32, d_state=16, backend="ref"), Mamba(32, d_state=16, backend=backend)
+    m.load_state_dict(ref.state_dict())
+    assert m.backend_in_use == backend
+    x, grad = torch.randn(2, length, 32), torch.randn(2, length, 32)
+    results = []
+    for run in (lambda xi: _windows_by_hand(ref, xi, segment), lambda xi: m(xi, segment=segment)):
+        xi = x.clone().requires_grad_()
+        y = run(xi)
         y.backward(grad)
-        outs[name] = y
-    whole = mixers["ref"](x)
-    assert (outs["ref"][:, :segment] - whole[:, :segment]).abs().max() < 1e-5  # the first window sees the same
-    if length > segment:
-        assert (outs["ref"][:, segment:] - whole[:, segment:]).abs().max() > 1e-3  # later windows restart
-    for name in ("fast", "cpp"):
-        assert _rel(outs[name], outs["ref"]) < 1e-5, name
-        for (pname, p_ref), p in zip(mixers["ref"].named_parameters(), mixers[name].parameters()):
-            assert _rel(p.grad, p_ref.grad) < 1e-4, (name, pname)
-    for m in mixers.values():
-        with pytest.raises(ValueError, match="segment must be a positive number of tokens"):
-            m(x, segment=0)
+        results.append((y, xi.grad))
+    (y_ref, gx_ref), (y, gx) = results
+    assert _rel(y, y_ref) < 1e-5 and _rel(gx, gx_ref) < 1e-4
+    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
+        assert _rel(p.grad, p_ref.grad) < 1e-4, name
+    if segment is not None and length > segment:  # later windows restart: not the whole sequence's output
+        assert (y[:, segment:] - ref(x)[:, segment:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="segment must be a positive number of tokens"):
+        m(x, segment=0)
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A build killed mid-way leaves torch's lock file, which would make every later process wait forever."""
     from torch.utils import cpp_extension
 
-    from mambadm.ssm import scan_cpp
+    from mambadm.kernels import build
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = Path(cpp_extension._get_build_directory("mambadm_cpu_test", verbose=False)) / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
-    scan_cpp._clear_stale_lock("mambadm_cpu_test")
+    build._clear_stale_lock("mambadm_cpu_test")
     assert lock.exists()  # a build may be running right now
-    old = time.time() - scan_cpp.STALE_LOCK_SECONDS - 60
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
-    scan_cpp._clear_stale_lock("mambadm_cpu_test")
+    build._clear_stale_lock("mambadm_cpu_test")
     assert not lock.exists()
 
 
@@ -318,16 +346,16 @@ def test_cpp_mixer_under_bf16_autocast_passes_bfloat16_and_is_as_accurate_as_ref
     """Under bf16 autocast the projections' bfloat16 outputs go into the kernels without casts; the result is as
     close to the float32 computation as the reference backend's under the same autocast, and the parameters get
     float32 gradients."""
-    import mambadm.ssm.mixer as mixer_module
+    import mambadm.ssm.backends as backends_module
 
     seen = []
-    real_scan_rows = mixer_module.scan_rows
+    real_scan_rows = backends_module.scan_rows
 
     def spy(u, *args, **kwargs):
         seen.append(u.dtype)
         return real_scan_rows(u, *args, **kwargs)
 
-    monkeypatch.setattr(mixer_module, "scan_rows", spy)
+    monkeypatch.setattr(backends_module, "scan_rows", spy)
     torch.manual_seed(5)
     models = {name: Mamba(48, d_state=16, backend=name) for name in ("ref", "cpp")}
     models["cpp"].load_state_dict(models["ref"].state_dict())

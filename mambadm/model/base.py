@@ -42,6 +42,9 @@ class WindowState:
     timesteps: Tensor  # (B, K)
     length: Tensor  # (B,) valid steps at the end of the buffers
 
+    def advance(self, model: "DecisionModel", rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> Tensor:
+        return model.act_window(self, rtg, obs, prev_action, t)[0]
+
 
 @dataclass
 class TokenWindow:
@@ -51,6 +54,9 @@ class TokenWindow:
 
     tokens: Tensor  # (B, K, 3, d)
     length: Tensor  # (B,)
+
+    def advance(self, model: "DecisionModel", rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> Tensor:
+        return model.act_token_window(self, rtg, obs, prev_action, t)[0]
 
 
 class DecisionModel(nn.Module):

@@ -6,9 +6,9 @@
 Local windows are non-overlapping and aligned to the start of the sequence: window j holds tokens
 [3wj, 3w(j+1)), i.e. timesteps [wj, w(j+1)), and the local state starts from zero at each window start.
 
-`step` runs a short chunk of tokens (one env step adds three) from a cache. Segment starts - a window start for the
-local branch, the episode start for both - reset the state exactly as a fresh window / sequence would, so stepping
-token by token reproduces `forward` (tests/test_model.py).
+`step` runs a short chunk of tokens (one env step adds three) from a cache, each branch through `Mamba.step`.
+Segment starts - a window start for the local branch, the episode start for both - reset the state exactly as a
+fresh window / sequence would, so stepping token by token reproduces `forward` (tests/test_model.py).
 """
 from __future__ import annotations
 
@@ -17,71 +17,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from mambadm.ssm import Mamba, MambaCache
+from mambadm.ssm import Mamba, MambaCache, SegmentMasks
 
 FUSIONS = ("add", "gate", "concat")
-
-
-@dataclass
-class SegmentMasks:
-    """Where state resets inside chunks of L tokens, for starts of shape (..., L); None when nowhere (common).
-
-    conv (..., L, d_conv): 1 where conv tap k of token j reads an input of the token's own segment;
-    conv_keep (..., d_conv): 1 for the conv inputs kept as state after the chunk;
-    ssm_keep (..., L): 0 where the token starts a segment (the SSM state before it is dropped).
-    """
-
-    conv: Tensor
-    conv_keep: Tensor
-    ssm_keep: Tensor
-
-    @staticmethod
-    def build(starts: Tensor, d_conv: int) -> Optional["SegmentMasks"]:
-        """From starts (..., L) bool - True where a token begins a new segment."""
-        if not bool(starts.any()):
-            return None
-        seg_tok = starts.long().cumsum(-1)  # segment id of each chunk token; the cached history is segment 0
-        seg = torch.cat([seg_tok.new_zeros(*starts.shape[:-1], d_conv - 1), seg_tok], dim=-1)
-        conv = seg.unfold(-1, d_conv, 1) == seg_tok[..., None]  # (..., L, d_conv)
-        conv_keep = seg[..., -d_conv:] == seg_tok[..., -1:]
-        f = torch.float32
-        return SegmentMasks(conv.to(f), conv_keep.to(f), (~starts).to(f))
-
-
-def mamba_chunk_step(m: Mamba, x: Tensor, cache: MambaCache, masks: Optional[SegmentMasks]) -> Tensor:
-    """Runs the mixer `m` over a chunk x (B, L, d) continuing from `cache` (updated in place) -> (B, L, d).
-
-    The same computation as `m.step` applied L times, but with one matmul per projection for the whole chunk.
-    """
-    k = m.d_conv
-    u, z = F.linear(x, m.in_proj.weight, m.in_proj.bias).chunk(2, dim=-1)  # (B, L, d_inner) each
-    xs = torch.cat([cache.conv_state[:, :, 1:], u.transpose(1, 2)], dim=2)  # (B, d_inner, k - 1 + L)
-    windows = xs.unfold(2, k, 1)  # (B, d_inner, L, k)
-    if masks is not None:
-        windows = windows * masks.conv[:, None]
-    u = torch.einsum("bdlk,dk->bld", windows, m.conv1d.weight[:, 0, :])
-    u = F.silu(u if m.conv1d.bias is None else u + m.conv1d.bias)  # (B, L, d_inner)
-    new_conv = xs[:, :, -k:]
-    cache.conv_state.copy_(new_conv * masks.conv_keep[:, None] if masks is not None else new_conv)
-
-    h = cache.ssm_state  # (B, d_inner, d_state), float32
-    dt, B, C = torch.split(m.x_proj(u), [m.dt_rank, m.d_state, m.d_state], dim=-1)
-    delta = F.softplus(F.linear(dt, m.dt_proj.weight, m.dt_proj.bias)).to(h.dtype)  # (B, L, d_inner)
-    dA = torch.exp(delta[..., None] * m.A_continuous().to(h.dtype))  # (B, L, d_inner, d_state)
-    if masks is not None:
-        dA = dA * masks.ssm_keep[..., None, None]
-    dBu = (delta * u.to(h.dtype))[..., None] * B.to(h.dtype)[:, :, None, :]  # (B, L, d_inner, d_state)
-    states = []
-    for j in range(x.shape[1]):
-        h = torch.addcmul(dBu[:, j], dA[:, j], h)
-        states.append(h)
-    cache.ssm_state.copy_(h)
-    y = torch.matmul(torch.stack(states, 1), C.to(h.dtype)[..., None])[..., 0]  # (B, L, d_inner)
-    y = (y + m.D.to(y.dtype) * u.to(y.dtype)) * F.silu(z.to(y.dtype))
-    return m.out_proj(y.to(x.dtype))
 
 
 @dataclass
@@ -137,6 +77,11 @@ class GLoMaBlock(nn.Module):
         idx = token_index[:, None] + torch.arange(length, device=token_index.device)  # (B, L)
         return idx == 0, idx % self.window_tokens == 0
 
+    def segment_masks(self, token_index: Tensor, length: int) -> tuple[Optional[SegmentMasks], Optional[SegmentMasks]]:
+        """(global, local) `SegmentMasks` for the chunk of `length` tokens whose first has index `token_index` (B,)."""
+        d_conv = self.global_mamba.d_conv
+        return tuple(SegmentMasks.build(starts, d_conv) for starts in self.segment_starts(token_index, length))
+
     def step(self, x: Tensor, cache: GLoMaCache, token_index: Optional[Tensor] = None,
              masks: Optional[tuple[Optional[SegmentMasks], Optional[SegmentMasks]]] = None) -> Tensor:
         """x (B, d) one token or (B, L, d) a chunk whose first token has index `token_index` (B,) in its sequence.
@@ -146,13 +91,10 @@ class GLoMaBlock(nn.Module):
         """
         single = x.dim() == 2
         x = x[:, None] if single else x
-        if masks is None:
-            g_starts, l_starts = self.segment_starts(token_index, x.shape[1])
-            d_conv = self.global_mamba.d_conv
-            masks = (SegmentMasks.build(g_starts, d_conv), SegmentMasks.build(l_starts, d_conv))
+        masks = self.segment_masks(token_index, x.shape[1]) if masks is None else masks
         h = self.norm1(x)
-        g = mamba_chunk_step(self.global_mamba, h, cache.global_, masks[0])
-        l = mamba_chunk_step(self.local_mamba, h, cache.local, masks[1])
+        g = self.global_mamba.step(h, cache.global_, masks[0])
+        l = self.local_mamba.step(h, cache.local, masks[1])
         x = x + self.drop1(self.fuse(g, l, h))
         x = x + self.ffn(self.norm2(x))
         return x[:, 0] if single else x

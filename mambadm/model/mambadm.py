@@ -7,7 +7,6 @@ episode, the local state restarts every w timesteps as in training. mode="window
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,17 +15,9 @@ from torch import Tensor
 
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model.base import DecisionModel, batch_states
-from mambadm.model.gloma import GLoMaBlock, SegmentMasks
-from mambadm.model.recurrent import (PairCache, PairWeights, StackStep, allocate_pair_cache, layer_step,
-                                     stack_step_usable)
-
-
-@dataclass
-class RecurrentState:
-    """Per layer: both mixers' stacked weights (snapshotted by `init_state`) and their conv / SSM states."""
-
-    weights: list[PairWeights]
-    caches: list[PairCache]
+from mambadm.model.gloma import GLoMaBlock
+from mambadm.model.recurrent import BlockSteps, StackStep, stack_step_usable
+from mambadm.ssm import Mamba
 
 
 class MambaDM(DecisionModel):
@@ -51,29 +42,21 @@ class MambaDM(DecisionModel):
             return super().init_state(batch_size, "window", context_len, reencode)
         if mode != "recurrent":
             raise ValueError(f"MambaDM acting mode must be 'recurrent' or 'window', got {mode!r}")
-        # The state snapshots the weights in a stacked layout: make a new state after the weights change.
         device = self.norm_f.weight.device
         if stack_step_usable(self.layers, device):  # the whole stack in one C++ call per action
+            # StackStep snapshots the weights in its layouts: make a new state after the weights change.
             return StackStep.of(self.layers, batch_size)
-        return RecurrentState([PairWeights.of(layer) for layer in self.layers],
-                              [allocate_pair_cache(layer, batch_size, device) for layer in self.layers])
+        return BlockSteps.of(self.layers, batch_size, device)
 
     @torch.inference_mode()
     def act(self, state: Any, rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> tuple[Tensor, Any]:
-        if not isinstance(state, (RecurrentState, StackStep)):
-            return self.act_window(state, rtg, obs, prev_action, t)
-        x = self.embed.step_tokens(rtg, obs, prev_action, t)  # (B, 3, d): a_{t-1}, R_t, s_t
-        # Token indices: a_{t-1} is 3t - 1, R_t is 3t. At t == 0 the dummy a token at index -1 is wiped by the
-        # sequence start at index 0; window starts fall on R tokens with t % w == 0.
-        token_index = 3 * t - 1
-        if isinstance(state, StackStep):
-            x = state(x, token_index)
-        else:
-            starts = torch.stack(self.layers[0].segment_starts(token_index, 3), dim=1)  # (B, 2, 3): global, local
-            masks = SegmentMasks.build(starts, self.cfg.d_conv)
-            for layer, weights, cache in zip(self.layers, state.weights, state.caches):
-                x = layer_step(layer, weights, cache, x, masks)
-        return self.head(self.norm_f(x[:, -1])).float(), state
+        """preds (B, act_dim) for step t of each env: the state (recurrent or window) advances itself."""
+        return state.advance(self, rtg, obs, prev_action, t), state
+
+    def zero3_leaf_modules(self) -> list[type[nn.Module]]:
+        """The mixer, whose forward reads its parameters in custom autograd functions (the fused scans): DeepSpeed
+        ZeRO-3 must gather its parameters as a whole rather than hook into its submodules."""
+        return [Mamba]
 
     # ------------------------------------------------------------------------------------------- analysis
     @torch.no_grad()

@@ -1,146 +1,63 @@
-"""Lean recurrent acting for MambaDM: both mixers of a GLoMa layer stepped as one, or the whole stack in one C++ call.
+"""MambaDM's recurrent acting states: each advances itself by one env step (`advance`), so `MambaDM.act` needs to know
+none of them. At one env per call the cost of a recurrent step is the number of PyTorch ops, not their size. Two:
 
-At one env per call the cost of a recurrent step is the number of PyTorch ops, not their size. Two paths:
-
-- `layer_step` (readable, any device): both branches of a layer read the same normed input and have the same shapes,
-  so their weights are stacked once (`PairWeights`, snapshotted when the acting state is made) and every
-  projection, the conv, the scan and the gating run once for both (branch 0 = global, 1 = local). It equals
-  `GLoMaBlock.step` and `GLoMaBlock.forward`.
-- `StackStep` (CPU, `cpp` backend): the same computation for all layers in one call of the C++ class in
-  mambadm/model/csrc/gloma_step.cpp, whose matmuls are ATen calls and whose conv, masks and norms are loops around
-  the fused scan kernel; an action costs a fraction of the ~40 Python-level ops per layer of `layer_step`.
+- `BlockSteps` (readable, any device, dropout allowed): every layer's `GLoMaBlock.step` from its cache, each branch
+  through `Mamba.step`; the GPU acting path, and the CPU path without a C++ compiler.
+- `StackStep` (CPU, `cpp` backend): the same computation for all layers in one call of the C++ class `GLoMaStack`
+  (mambadm/kernels/csrc/gloma_step.cpp), whose matmuls are ATen calls and whose conv, masks and norms are loops
+  around the fused scan kernel; an action costs a fraction of the Python-level ops of `BlockSteps`.
 
 tests/test_model.py checks both against `forward` and against each other.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from mambadm.model.gloma import GLoMaBlock, SegmentMasks
-from mambadm.ssm.scan_cpp import cpp_missing
+from mambadm.kernels.build import gloma_stack_class
+from mambadm.model.gloma import GLoMaBlock, GLoMaCache
+
+if TYPE_CHECKING:
+    from mambadm.model.mambadm import MambaDM
+
+
+class RecurrentActing:
+    """What the recurrent states share: embed the env step's three tokens [a_{t-1}, R_t, s_t], run them through the
+    stack (`run`, from each env's state) and read the action at s_t."""
+
+    def advance(self, model: "MambaDM", rtg: Tensor, obs: Tensor, prev_action: Tensor, t: Tensor) -> Tensor:
+        """preds (B, act_dim) for step t of each env; the state is updated in place."""
+        x = model.embed.step_tokens(rtg, obs, prev_action, t)  # (B, 3, d): a_{t-1}, R_t, s_t
+        # Token indices: a_{t-1} is 3t - 1, R_t is 3t. At t == 0 the dummy a token at index -1 is wiped by the
+        # sequence start at index 0; window starts fall on R tokens with t % w == 0.
+        x = self.run(x, 3 * t - 1)
+        return model.head(model.norm_f(x[:, -1])).float()
+
+    def run(self, x: Tensor, token_index: Tensor) -> Tensor:
+        """The stack over the chunk x (B, L, d) whose first token has index token_index (B,) -> (B, L, d)."""
+        raise NotImplementedError
 
 
 @dataclass
-class PairWeights:
-    """One layer's two mixers' parameters stacked on a branch axis, float32, in the layouts the step uses."""
+class BlockSteps(RecurrentActing):
+    """The layers (live modules, not a snapshot of their weights) and each one's conv / SSM states."""
 
-    in_w: Tensor  # (4 d_inner, d): rows [u_g, z_g, u_l, z_l]
-    in_b: Optional[Tensor]
-    conv_w: Tensor  # (2, 1, d_inner, d_conv)
-    conv_b: Tensor  # (2, 1, d_inner)
-    x_w: Tensor  # (2, d_inner, dt_rank + 2 d_state)
-    dt_w: Tensor  # (2, dt_rank, d_inner)
-    dt_b: Tensor  # (2, 1, d_inner)
-    A: Tensor  # (2, 1, d_inner, d_state)
-    D: Tensor  # (2, 1, d_inner)
-    out_w: Tensor  # (2, d_inner, d)
-    out_b: Optional[Tensor]  # (2, 1, d)
-    dt_rank: int
-    d_state: int
+    layers: Sequence[GLoMaBlock]
+    caches: list[GLoMaCache]
 
     @staticmethod
-    @torch.no_grad()
-    def of(block: GLoMaBlock) -> "PairWeights":
-        g, l = block.global_mamba, block.local_mamba
-        both = (g, l)
+    def of(layers: Sequence[GLoMaBlock], batch_size: int, device: torch.device) -> "BlockSteps":
+        return BlockSteps(layers, [layer.allocate_cache(batch_size, device) for layer in layers])
 
-        def stack(fn):
-            return torch.stack([fn(m).float() for m in both]).contiguous()
-
-        return PairWeights(
-            in_w=torch.cat([g.in_proj.weight, l.in_proj.weight]).float(),
-            in_b=None if g.in_proj.bias is None else torch.cat([g.in_proj.bias, l.in_proj.bias]).float(),
-            conv_w=stack(lambda m: m.conv1d.weight[:, 0, :])[:, None],
-            conv_b=stack(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros_like(m.D))[:, None],
-            x_w=stack(lambda m: m.x_proj.weight.t()),
-            dt_w=stack(lambda m: m.dt_proj.weight.t()),
-            dt_b=stack(lambda m: m.dt_proj.bias)[:, None],
-            A=stack(lambda m: m.A_continuous())[:, None],
-            D=stack(lambda m: m.D)[:, None],
-            out_w=stack(lambda m: m.out_proj.weight.t()),
-            out_b=None if g.out_proj.bias is None else stack(lambda m: m.out_proj.bias)[:, None],
-            dt_rank=g.dt_rank, d_state=g.d_state,
-        )
-
-
-@dataclass
-class PairCache:
-    conv: Tensor  # (B, 2, d_inner, d_conv), newest input last
-    ssm: Tensor  # (B, 2, d_inner, d_state)
-    # Work buffers of a chunk's (B, 2, L, d_inner, d_state) terms, kept per shape and overwritten by every step: a
-    # fresh tensor of that size costs more in page faults than the arithmetic that fills it (16 Atari envs).
-    scratch: dict = field(default_factory=dict)
-
-    def buffers(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        key = (shape, dtype)
-        if key not in self.scratch:
-            self.scratch[key] = tuple(torch.empty(shape, dtype=dtype, device=self.ssm.device) for _ in range(3))
-        return self.scratch[key]
-
-
-def allocate_pair_cache(block: GLoMaBlock, batch_size: int, device: torch.device) -> PairCache:
-    m = block.global_mamba
-    return PairCache(torch.zeros(batch_size, 2, m.d_inner, m.d_conv, device=device),
-                     torch.zeros(batch_size, 2, m.d_inner, m.d_state, device=device))
-
-
-def pair_mixer_step(w: PairWeights, cache: PairCache, h: Tensor,
-                    masks: Optional[SegmentMasks]) -> tuple[Tensor, Tensor]:
-    """Both mixers over the chunk h (B, L, d) from `cache` (updated in place) -> (global, local) (B, L, d) each.
-
-    `masks` are built from starts of shape (B, 2, L).
-    """
-    B, L, _ = h.shape
-    k = cache.conv.shape[-1]
-    xz = F.linear(h.float(), w.in_w, w.in_b).view(B, L, 2, 2, -1).transpose(1, 2)  # (B, 2, L, 2, d_inner)
-    u, z = xz[:, :, :, 0], xz[:, :, :, 1]  # (B, 2, L, d_inner)
-    xs = torch.cat([cache.conv[..., 1:], u.transpose(2, 3)], dim=-1)  # (B, 2, d_inner, k - 1 + L)
-    windows = xs.unfold(-1, k, 1).transpose(2, 3)  # (B, 2, L, d_inner, k)
-    if masks is not None:
-        windows = windows * masks.conv[:, :, :, None, :]
-    u = F.silu((windows * w.conv_w).sum(-1) + w.conv_b)  # (B, 2, L, d_inner)
-    new_conv = xs[..., -k:]
-    cache.conv.copy_(new_conv * masks.conv_keep[:, :, None, :] if masks is not None else new_conv)
-
-    dt, Bm, C = torch.split(torch.einsum("bcld,cdr->bclr", u, w.x_w), [w.dt_rank, w.d_state, w.d_state], dim=-1)
-    delta = F.softplus(torch.einsum("bclr,crd->bcld", dt, w.dt_w) + w.dt_b)  # (B, 2, L, d_inner)
-    y = _recurrence(w, cache, u, delta, Bm, C, masks)  # (B, 2, L, d_inner): y_j = <h_j, C_j>
-    y = (y + w.D * u) * F.silu(z)
-    out = torch.einsum("bcle,ced->bcld", y, w.out_w)  # (B, 2, L, d); no weight copies per env
-    if w.out_b is not None:
-        out = out + w.out_b
-    out = out.to(h.dtype)
-    return out[:, 0], out[:, 1]
-
-
-def _recurrence(w: PairWeights, cache: PairCache, u: Tensor, delta: Tensor, Bm: Tensor, C: Tensor,
-                masks: Optional[SegmentMasks]) -> Tensor:
-    """h_j = exp(delta_j A) h_{j-1} + delta_j u_j B_j over the chunk from cache.ssm (updated); y_j = <h_j, C_j>."""
-    dA, dBu, states = cache.buffers(delta.shape + (w.d_state,), delta.dtype)  # states: h_j for every token
-    torch.mul(delta[..., None], w.A, out=dA).exp_()  # (B, 2, L, d_inner, d_state)
-    if masks is not None:
-        dA.mul_(masks.ssm_keep[..., None, None])
-    torch.mul((delta * u)[..., None], Bm[..., None, :], out=dBu)
-    state = cache.ssm
-    for j in range(delta.shape[2]):
-        state = torch.addcmul(dBu[:, :, j], dA[:, :, j], state, out=states[:, :, j])
-    cache.ssm.copy_(state)
-    return torch.matmul(states, C[..., None])[..., 0]
-
-
-def layer_step(block: GLoMaBlock, w: PairWeights, cache: PairCache, x: Tensor,
-               masks: Optional[SegmentMasks]) -> Tensor:
-    """One GLoMa layer over the chunk x (B, L, d): `GLoMaBlock.step` with both mixers fused."""
-    h = block.norm1(x)
-    g, l = pair_mixer_step(w, cache, h, masks)
-    x = x + block.drop1(block.fuse(g, l, h))
-    return x + block.ffn(block.norm2(x))
+    def run(self, x: Tensor, token_index: Tensor) -> Tensor:
+        masks = self.layers[0].segment_masks(token_index, x.shape[1])  # the same starts in every layer
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer.step(x, cache, masks=masks)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------- the C++ stack step
@@ -157,7 +74,8 @@ def stack_step_usable(layers: Sequence[GLoMaBlock], device: torch.device) -> boo
 
 
 def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
-    """One layer's weights in gloma_step.cpp's `Weight` order and layouts, float32."""
+    """One layer's weights in gloma_step.cpp's `Weight` order and layouts, float32 (the one packer of the mixers'
+    weights for a fused step)."""
     g, l = block.global_mamba, block.local_mamba
 
     def pair(fn) -> Tensor:  # both branches stacked: (2, ...)
@@ -168,8 +86,7 @@ def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
         block.norm1.weight, block.norm1.bias,
         torch.cat([g.in_proj.weight, l.in_proj.weight]),
         None if g.in_proj.bias is None else torch.cat([g.in_proj.bias, l.in_proj.bias]),
-        pair(lambda m: m.conv1d.weight[:, 0, :].t()),  # (2, d_conv, d_inner)
-        pair(lambda m: m.conv1d.bias if m.conv1d.bias is not None else torch.zeros_like(m.D)),
+        pair(lambda m: m.conv_taps().t()), pair(lambda m: m.conv_bias()),  # (2, d_conv, d_inner), (2, d_inner)
         pair(lambda m: m.x_proj.weight.t()), pair(lambda m: m.dt_proj.weight.t()), pair(lambda m: m.dt_proj.bias),
         pair(lambda m: m.A_continuous()), pair(lambda m: m.D),
         pair(lambda m: m.out_proj.weight.t()), None if g.out_proj.bias is None else pair(lambda m: m.out_proj.bias),
@@ -181,8 +98,8 @@ def _stack_layer_weights(block: GLoMaBlock) -> list[Optional[Tensor]]:
 
 
 @dataclass
-class StackStep:
-    """All GLoMa layers stepped by one call of the C++ class `GLoMaStack` (mambadm/model/csrc/gloma_step.cpp): the
+class StackStep(RecurrentActing):
+    """All GLoMa layers stepped by one call of the C++ class `GLoMaStack` (mambadm/kernels/csrc/gloma_step.cpp): the
     weights snapshotted in its layouts, and the conv and SSM states of every layer, updated in place by each call."""
 
     weights: list[Optional[Tensor]]  # per layer, gloma_step.cpp's `Weight` order
@@ -208,14 +125,14 @@ class StackStep:
         )
 
     def __post_init__(self) -> None:
-        missing = cpp_missing()
-        if missing is not None:
-            raise RuntimeError(f"StackStep needs the CPU extension: {missing}")
-        self.kernel = torch.classes.mambadm_cpu.GLoMaStack(self.weights, self.eps, self.fusion, self.approximate,
-                                                           self.window_tokens, self.conv, self.ssm)
+        try:
+            stack_class = gloma_stack_class()
+        except RuntimeError as exc:
+            raise RuntimeError(f"StackStep needs the CPU extension: {exc}") from exc
+        self.kernel = stack_class(self.weights, self.eps, self.fusion, self.approximate, self.window_tokens,
+                                  self.conv, self.ssm)
 
-    def __call__(self, x: Tensor, token_index: Tensor) -> Tensor:
-        """The stack over the chunk x (B, L, d) whose first token has index token_index (B,) -> (B, L, d)."""
+    def run(self, x: Tensor, token_index: Tensor) -> Tensor:
         envs, d = self.conv.shape[2], self.weights[0].shape[0]
         if (x.dim() != 3 or x.shape[0] != envs or x.shape[2] != d or token_index.shape != (envs,)
                 or token_index.dtype != torch.long):

@@ -1,7 +1,9 @@
-"""The Mamba mixer block with mamba_ssm's parameter layout, a parallel forward and an O(1) recurrent step.
+"""The Mamba mixer block with mamba_ssm's parameter layout, a parallel forward and a recurrent step over chunks.
 
 Parameter names, shapes and initialisation follow mamba_ssm's `Mamba` (modules/mamba_simple.py), so a state dict
-moves between the two unchanged. The selective scan runs on the backend resolved once per module (backends.py).
+moves between the two unchanged. `forward` runs the conv and the selective scan on the backend object resolved once
+per module (backends.py); `step` is the readable recurrence over a chunk of tokens from a cache, with optional
+segment starts (segments.py), the fast acting kernels' reference.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambadm.ssm.backends import BACKENDS, SEGMENTED, resolve_backend, selective_scan
-from mambadm.ssm.scan_cpp import causal_conv_silu_cpp, io_dtype, scan_rows, segment_keep
-from mambadm.ssm.scan_cuda import causal_conv1d_cuda
-from mambadm.ssm.scan_ref import compute_dtype, project_delta
+from mambadm.ssm.backends import BACKEND_OBJECTS, BACKENDS, Backend, resolve_backend
+from mambadm.ssm.conv import fold_windows
+from mambadm.ssm.scan_ref import project_delta
+from mambadm.ssm.segments import SegmentMasks
 
 logger = logging.getLogger(__name__)
 _logged_choices: set[tuple[str, str, str]] = set()
@@ -26,34 +28,6 @@ _logged_choices: set[tuple[str, str, str]] = set()
 def _at_least_f32(t: Tensor) -> Tensor:
     """float32 for low-precision tensors (the SSM parameters stay float32 under bf16), unchanged otherwise."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def causal_depthwise_conv(u: Tensor, weight: Tensor, bias: Tensor | None, segment: int | None = None) -> Tensor:
-    """nn.Conv1d(groups=channels, padding=K-1) over the time axis of u (batch, L, channels), first L outputs.
-
-    out_t = bias + sum_k weight[:, 0, k] * u_{t-K+1+k} (zeros before the start), as K shifted multiply-adds in the
-    batch-first layout: no transposed copy of u in or out, and its gradient comes back in the same layout.
-    `segment`: windows of `segment` steps from the start, each convolved on its own (taps never reach back across a
-    window start).
-    """
-    K, length = weight.shape[-1], u.shape[1]
-    padded = F.pad(u, (0, 0, K - 1, 0))  # (b, K - 1 + L, c)
-    w = weight[:, 0, :]  # (c, K); tap K - 1 multiplies the current input
-    out = padded[:, K - 1 :] * w[:, K - 1] if bias is None else torch.addcmul(bias, padded[:, K - 1 :], w[:, K - 1])
-    position = None if segment is None else torch.arange(length, device=u.device)[:, None] % segment  # (L, 1)
-    for k in range(K - 1):
-        wk = w[:, k]
-        if position is not None:  # tap k reaches K - 1 - k steps back: its weight is zero where that crosses a start
-            wk = wk * (position >= K - 1 - k).to(w.dtype)  # (L, c): the mask rides on the weight, not on the input
-        out = torch.addcmul(out, padded[:, k : k + length], wk)
-    return out
-
-
-def fold_windows(x: Tensor, segment: int) -> Tensor:
-    """(b, L, d) -> (b * ceil(L / segment), segment, d): windows from the start, the last right-padded with zeros."""
-    b, length, d = x.shape
-    n = -(-length // segment)
-    return F.pad(x, (0, 0, 0, n * segment - length)).reshape(b * n, segment, d)
 
 
 @dataclass
@@ -142,42 +116,37 @@ class Mamba(nn.Module):
     # ----------------------------------------------------------------------------------------------- backend
     @property
     def backend_in_use(self) -> str:
-        """The concrete backend (ref | fast | cpp | cuda), resolved on first use from `backend` and the parameters'
-        device, and again only if the module has moved to another kind of device since (`cpp` runs on CPUs only)."""
+        """The concrete backend's name (ref | fast | cpp | cuda | triton), see `kernels`."""
+        return self.kernels.name
+
+    @property
+    def kernels(self) -> Backend:
+        """The concrete backend object, resolved on first use from `backend` and the parameters' device, and again
+        only if the module has moved to another kind of device since (`cpp` runs on CPUs only)."""
         device_type = self.in_proj.weight.device.type
         if self._backend_in_use is None or self._resolved_for != device_type:
             name, reason = resolve_backend(self.backend, self.in_proj.weight.device)
-            self._backend_in_use, self._resolved_for = name, device_type
+            self._backend_in_use, self._resolved_for = BACKEND_OBJECTS[name], device_type
             key = (self.backend, name, reason)
             log = logger.debug if key in _logged_choices else logger.info
             _logged_choices.add(key)
             log("Mamba mixer selective-scan backend: %s (%s)", name, reason)
         return self._backend_in_use
 
-    # ----------------------------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------------------------- parameters
     def A_continuous(self) -> Tensor:
         """A = -exp(A_log) in float32 (float64 for a float64 module), (d_inner, d_state)."""
         return -torch.exp(_at_least_f32(self.A_log))
 
-    def _conv(self, u: Tensor, backend: str, segment: int | None = None) -> Tensor:
-        """SiLU(causal depthwise conv) over the time axis of u (batch, L, d_inner) -> (batch, L, d_inner).
+    def conv_taps(self) -> Tensor:
+        """The depthwise conv's weight as (d_inner, d_conv), tap d_conv - 1 multiplying the newest input."""
+        return self.conv1d.weight[:, 0, :]
 
-        `cuda`: causal_conv1d_fn when installed, else nn.Conv1d, on a contiguous (batch, d_inner, L) copy, the layout
-        of the GPU kernels; `cpp`: the fused CPU kernel; `ref` / `fast` / `triton`: `causal_depthwise_conv` in the
-        batch-first layout, with no copy. `segment` (cpp and triton, see `forward`): windows convolved on their own.
-        """
-        if backend == "cuda":
-            x = u.transpose(1, 2).contiguous()
-            causal_conv1d_fn = causal_conv1d_cuda()
-            if causal_conv1d_fn is not None:
-                out = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            else:
-                out = F.silu(self.conv1d(x)[..., : x.shape[-1]])
-            return out.transpose(1, 2)
-        if backend == "cpp":
-            return causal_conv_silu_cpp(u, self.conv1d.weight, self.conv1d.bias, segment)
-        return F.silu(causal_depthwise_conv(u, self.conv1d.weight, self.conv1d.bias, segment))
+    def conv_bias(self) -> Tensor:
+        """The conv's bias (d_inner,), zeros when the module has none."""
+        return self.conv1d.bias if self.conv1d.bias is not None else torch.zeros_like(self.D)
 
+    # ----------------------------------------------------------------------------------------------- forward
     def _in_proj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u, z (b, L, d_inner) = in_proj(x) split in two, computed as two products with the halves of its weight: the
         gradient of x is then a sum of two products instead of a copy of both halves into one (b, L, 2 d_inner)
@@ -185,7 +154,7 @@ class Mamba(nn.Module):
         w, b, d = self.in_proj.weight, self.in_proj.bias, self.d_inner
         return F.linear(x, w[:d], None if b is None else b[:d]), F.linear(x, w[d:], None if b is None else b[d:])
 
-    def _ssm_inputs(self, x: Tensor, backend: str, segment: int | None = None
+    def _ssm_inputs(self, x: Tensor, kernels: Backend, segment: int | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """From x (batch, L, d_model): u, z (batch, L, d_inner), dt (batch, L, dt_rank), B, C (batch, L, d_state),
         batch-first, the layout the projections produce and read; dt are the step sizes before dt_proj (its weight
@@ -193,7 +162,7 @@ class Mamba(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects x of shape (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         u, z = self._in_proj(x)
-        u = self._conv(u, backend, segment)
+        u = kernels.conv(u, self.conv1d.weight, self.conv1d.bias, segment)
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return u, z, dt, B, C
 
@@ -201,49 +170,24 @@ class Mamba(nn.Module):
         """x (batch, L, d_model) -> (batch, L, d_model).
 
         `segment`: cut the sequence into windows of `segment` tokens from its start and run each as its own
-        sequence (conv and state start from zero at every window start; the GLoMa local branch). The `cpp` and
-        `triton` kernels restart in place; the other backends run the windows folded into the batch (the last one
-        right-padded, which, being causal, changes no real token).
+        sequence (conv and state start from zero at every window start; the GLoMa local branch). The backend
+        restarts in place where it can, else runs the windows folded into the batch (backends.py).
         """
         if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
             raise ValueError(f"Mamba: segment must be a positive number of tokens or None, got {segment!r}")
-        backend = self.backend_in_use
-        if segment is not None and backend not in SEGMENTED:
-            b, length, d = x.shape
-            return self.forward(fold_windows(x, segment)).reshape(b, -1, d)[:, :length]
-        u, z, dt, B, C = self._ssm_inputs(x, backend, segment)
-        if backend == "cpp":
-            y = self._scan_cpp(u, z, dt, B, C, segment)
-        else:  # selective_scan's (b, channels, L) layout as views: no full-length transposed copy on the way
-            y = selective_scan(
-                *(t.transpose(1, 2) for t in (u, dt)), self.A_continuous(), *(t.transpose(1, 2) for t in (B, C)),
-                _at_least_f32(self.D), z=z.transpose(1, 2), delta_bias=_at_least_f32(self.dt_proj.bias),
-                delta_softplus=True, backend=backend, segment=segment, delta_proj=self.dt_proj.weight,
-            ).transpose(1, 2)
+        kernels = self.kernels
+        u, z, dt, B, C = self._ssm_inputs(x, kernels, segment)
+        y = kernels.scan(u, dt, self.A_continuous(), B, C, _at_least_f32(self.D), z, _at_least_f32(self.dt_proj.bias),
+                         delta_softplus=True, delta_proj=self.dt_proj.weight, segment=segment)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast out_proj casts y itself
             y = y.to(x.dtype)
         return self.out_proj(y)
-
-    def _scan_cpp(self, u: Tensor, z: Tensor, dt: Tensor, B: Tensor, C: Tensor, segment: int | None) -> Tensor:
-        """The `cpp` scan on the batch-first tensors as they are (the kernel's own layout): no transposed views in
-        and out, so autograd adds the two gradients of u (from x_proj and from the scan) in place, and no argument
-        checks (the tensors are the module's own): ~4% of a K=8 training step at d_model 64, 0-2.6% at K=30, nothing
-        measurable at d_model 128, against the `selective_scan` entry point (A/B in one process,
-        benchmarks/RESULTS.md). bfloat16 tensors (bf16 autocast) go in and come out as they are."""
-        io, dtype = io_dtype(u), compute_dtype(u)
-        y, _ = scan_rows(
-            u.to(io), dt.to(io), self.A_continuous().to(dtype)[None], B.to(io), C.to(io),
-            self.D.to(dtype), z.to(io), self.dt_proj.bias.to(dtype), delta_softplus=True,
-            keep=segment_keep(u.shape[0], u.shape[1], segment, u.device), check=False,
-            delta_proj=self.dt_proj.weight.to(dtype),
-        )
-        return y
 
     def delta(self, x: Tensor, segment: int | None = None) -> Tensor:
         """The step sizes softplus(dt_proj(...) + bias) for input x (batch, L, d_model), float32: (batch, d_inner,
         L), or with `segment` per window as `forward` sees them, (batch * windows, d_inner, segment)."""
         x = x if segment is None else fold_windows(x, segment)
-        _, _, dt, _, _ = self._ssm_inputs(x, "ref")
+        _, _, dt, _, _ = self._ssm_inputs(x, BACKEND_OBJECTS["ref"])
         delta = project_delta(dt.transpose(1, 2), self.dt_proj.weight)  # the bias added in float32, as the scans do
         return F.softplus(_at_least_f32(delta) + _at_least_f32(self.dt_proj.bias)[:, None])
 
@@ -266,21 +210,39 @@ class Mamba(nn.Module):
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
-    def step(self, x_t: Tensor, cache: MambaCache) -> Tensor:
-        """One token: x_t (batch, d_model) -> (batch, d_model); updates `cache` in place."""
-        conv_state, ssm_state = cache.conv_state, cache.ssm_state
-        u, z = F.linear(x_t, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, d_inner) each
-        for k in range(self.d_conv - 1):  # shift left without allocating (column k <- k+1)
-            conv_state[:, :, k].copy_(conv_state[:, :, k + 1])
-        conv_state[:, :, -1].copy_(u)
-        u = torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0, :])
-        if self.conv1d.bias is not None:
-            u = u + self.conv1d.bias
-        u = F.silu(u)
+    def step(self, x: Tensor, cache: MambaCache, masks: SegmentMasks | None = None) -> Tensor:
+        """The mixer over a chunk x (batch, L, d_model), or one token (batch, d_model), continuing from `cache`
+        (updated in place) -> the same shape. `masks` (built from starts of shape (batch, L)): where a token starts
+        a segment, the state before it is dropped and the conv reads nothing from before it, as `forward` does at
+        the start of a sequence or window. One matmul per projection for the whole chunk; the recurrence
+
+            h_j = exp(delta_j A) h_{j-1} + delta_j u_j B_j,    y_j = <h_j, C_j> + D u_j
+
+        runs token by token in the SSM state's dtype (float32, float64 for a float64 cache)."""
+        single = x.dim() == 2
+        x = x[:, None] if single else x
+        k, h = self.d_conv, cache.ssm_state  # h (batch, d_inner, d_state)
+        u, z = F.linear(x, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (batch, L, d_inner) each
+        history = torch.cat([cache.conv_state[:, :, 1:], u.transpose(1, 2)], dim=2)  # (batch, d_inner, k - 1 + L)
+        windows = history.unfold(2, k, 1)  # (batch, d_inner, L, k): the inputs each token's taps read
+        if masks is not None:
+            windows = windows * masks.conv[:, None]
+        u = F.silu(torch.einsum("bdlk,dk->bld", windows, self.conv_taps()) + self.conv_bias())
+        newest = history[:, :, -k:]
+        cache.conv_state.copy_(newest * masks.conv_keep[:, None] if masks is not None else newest)
+
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ssm_state.dtype))  # (b, d_inner)
-        dA = torch.exp(dt[:, :, None] * self.A_continuous().to(ssm_state.dtype))  # (b, d_inner, d_state)
-        ssm_state.mul_(dA).add_((dt * u.to(ssm_state.dtype))[:, :, None] * B.to(ssm_state.dtype)[:, None, :])
-        y = torch.bmm(ssm_state, C.to(ssm_state.dtype)[:, :, None]).squeeze(-1)  # (b, d_inner)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias)).to(h.dtype)  # (batch, L, d_inner)
+        dA = torch.exp(delta[..., None] * self.A_continuous().to(h.dtype))  # (batch, L, d_inner, d_state)
+        if masks is not None:
+            dA = dA * masks.ssm_keep[..., None, None]
+        dBu = (delta * u.to(h.dtype))[..., None] * B.to(h.dtype)[:, :, None, :]  # (batch, L, d_inner, d_state)
+        states = []
+        for j in range(x.shape[1]):
+            h = torch.addcmul(dBu[:, j], dA[:, j], h)
+            states.append(h)
+        cache.ssm_state.copy_(h)
+        y = torch.matmul(torch.stack(states, 1), C.to(h.dtype)[..., None])[..., 0]  # (batch, L, d_inner)
         y = (y + self.D.to(y.dtype) * u.to(y.dtype)) * F.silu(z.to(y.dtype))
-        return self.out_proj(y.to(x_t.dtype))
+        out = self.out_proj(y.to(x.dtype))
+        return out[:, 0] if single else out

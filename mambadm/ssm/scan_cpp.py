@@ -1,19 +1,8 @@
-"""`cpp` backend: the fused CPU selective scan and causal conv + SiLU in csrc/mamba_cpu.cpp, built on first use.
+"""`cpp` backend: autograd over the fused CPU selective scan and causal conv + SiLU (mambadm/kernels/csrc/mamba_cpu.cpp,
+built and loaded by mambadm/kernels/build.py).
 
-The same extension holds MambaDM's recurrent acting step (mambadm/model/csrc/gloma_step.cpp, the class
-`torch.classes.mambadm_cpu.GLoMaStack`), which calls the scan forward directly (csrc/mamba_cpu.h).
-
-The kernels are compiled once per machine with `torch.utils.cpp_extension.load` (a C++ compiler and ninja are
-needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
-processes only load it; MAMBADM_NO_CPP_KERNELS=1 turns them off). The scan keeps each row's state in cache and
-computes every term of the forward and of the backward in one pass over time, where the `fast` backend makes about
-19 passes over chunk-sized state tensors. Flags: -O3 and fast-math for the compile step only (it lets the compiler
-vectorise the per-channel `exp` / `log1p` calls; the linked library does not change the process's floating-point
-mode), plus the vector ISA torch detects on this CPU. The ISA is part of the extension's name, so machines sharing
-one cache never load a build made for another CPU. On Linux also -fopenmp: `at::parallel_for` is a header template
-compiled into the extension, and without OpenMP it runs every row on the calling thread (the kernels ignored
-`torch.set_num_threads`). Where torch ships its libgomp under the system's soname (libgomp.so.1, as the CPU
-wheels used here do) the extension binds to the runtime torch has already loaded: one thread pool.
+The scan keeps each row's state in cache and computes every term of the forward and of the backward in one pass over
+time, where the `fast` backend makes about 19 passes over chunk-sized state tensors.
 
 Dtypes: the sequence tensors (u, delta, B, C, z, the output and their gradients) are float32, float64 or bfloat16;
 the kernels compute in float32 for bfloat16 (float64 for float64), and parameters, states and parameter gradients
@@ -22,103 +11,13 @@ cast (`io_dtype`).
 """
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import sys
-import threading
-import time
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from mambadm.ssm.scan_ref import batch_first, compute_dtype, contiguous_as
+from mambadm.kernels.build import cpp_ops
+from mambadm.ssm.scan_ref import compute_dtype
 
-logger = logging.getLogger(__name__)
-
-CSRC = Path(__file__).parent / "csrc"
-# The extension's sources: the scan and conv kernels, and MambaDM's recurrent acting step built on the scan.
-SOURCES = (CSRC / "mamba_cpu.cpp", Path(__file__).parents[1] / "model" / "csrc" / "gloma_step.cpp")
 DEFAULT_CHUNK = 64  # steps between the saved states the backward restarts from
-STALE_LOCK_SECONDS = 600  # a build takes ~10-60 s: an older build lock was left by a process that was killed
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ops" once loaded, or "error": why it cannot be
-
-
-def _openmp_flags() -> list[str]:
-    """Compile and link flags that make `at::parallel_for` in the kernels use torch's intra-op threads."""
-    return ["-fopenmp"] if sys.platform.startswith("linux") else []
-
-
-def _isa_flags() -> tuple[str, list[str]]:
-    """(name, compiler flags) for the vector ISA torch detects on this CPU."""
-    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    if capability == "AVX512":
-        return "avx512", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"]
-    if capability == "AVX2":
-        return "avx2", ["-mavx2", "-mfma"]
-    return "generic", []
-
-
-def _put_ninja_on_path() -> None:
-    """torch runs `ninja` from PATH: add the `ninja` wheel's binary when no system ninja is there (e.g. a venv that
-    is not activated)."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-        except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def _clear_stale_lock(name: str) -> None:
-    """torch serialises builds with a lock file in the build directory and waits for it forever; a process killed
-    while building leaves it behind. Remove one older than STALE_LOCK_SECONDS, saying so."""
-    from torch.utils import cpp_extension
-
-    try:
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            logger.warning("removing a stale build lock left by a killed build: %s", lock)
-            lock.unlink()
-    except (OSError, AttributeError):  # no lock (the usual case), or a torch without this helper
-        pass
-
-
-def cpp_missing() -> str | None:
-    """None when the kernel is built and loaded (building it now if needed), else why it cannot be."""
-    with _lock:
-        if "ops" in _state:
-            return None
-        if "error" in _state:
-            return str(_state["error"])
-        if os.environ.get("MAMBADM_NO_CPP_KERNELS"):
-            _state["error"] = "MAMBADM_NO_CPP_KERNELS is set"
-            return str(_state["error"])
-        try:
-            from torch.utils import cpp_extension
-
-            _put_ninja_on_path()
-            isa, flags = _isa_flags()
-            name = f"mambadm_cpu_{isa}"
-            _clear_stale_lock(name)
-            logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
-            cpp_extension.load(
-                name=name,
-                sources=[str(s) for s in SOURCES],
-                extra_include_paths=[str(CSRC)],
-                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags, *_openmp_flags()],
-                extra_ldflags=_openmp_flags(),
-                is_python_module=False,
-                verbose=False,
-            )
-            _state["ops"] = torch.ops.mambadm_cpu
-            return None
-        except Exception as exc:  # no compiler, no ninja, a failed build: say which
-            _state["error"] = f"the CPU Mamba kernels could not be built ({type(exc).__name__}: {exc})"
-            return str(_state["error"])
 
 
 KERNEL_IO_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -130,13 +29,6 @@ def io_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.dtype in KERNEL_IO_DTYPES else compute_dtype(t)
 
 
-def _ops():
-    missing = cpp_missing()
-    if missing is not None:
-        raise RuntimeError(missing)
-    return _state["ops"]
-
-
 class _CppScan(torch.autograd.Function):
     """out (rows, L, d), last state (rows, d, n) from batch-first u, delta, z (rows, L, d), B, C (rows, L, n) of any
     strides, A (groups, d, n), D, delta_bias (d,) or (groups, d) or None; h0 (rows, d, n), keep (rows, L, 1) and
@@ -146,7 +38,7 @@ class _CppScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, softplus: bool, chunk: int):
         need_backward = any(ctx.needs_input_grad[:10])  # else no chunk-start states are kept (acting)
-        out, last, starts = _ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj,
+        out, last, starts = cpp_ops().scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, h0, keep, delta_proj,
                                                 chunk, need_backward)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, starts)
         ctx.softplus, ctx.chunk = softplus, chunk
@@ -155,7 +47,7 @@ class _CppScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_last: Tensor | None):
         u, delta, A, B, C, D, z, delta_bias, h0, delta_proj, keep, starts = ctx.saved_tensors
-        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0, g_proj_rows = _ops().scan_backward(
+        g_u, g_delta, g_A_rows, g_B, g_C, g_D_rows, g_z, g_bias_rows, g_h0, g_proj_rows = cpp_ops().scan_backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, keep, delta_proj, ctx.chunk, starts, grad_out,
             grad_last,
         )
@@ -195,7 +87,7 @@ def scan_rows(
     args = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, h0, delta_proj)):
         return _CppScan.apply(*args, h0, delta_proj, keep, delta_softplus, chunk)
-    out, last, _ = _ops().scan_forward(*args, delta_softplus, h0, keep, delta_proj, chunk, False)
+    out, last, _ = cpp_ops().scan_forward(*args, delta_softplus, h0, keep, delta_proj, chunk, False)
     return out, last
 
 
@@ -242,35 +134,6 @@ def check_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
         fail(f"chunk must be positive, got {chunk}")
 
 
-def selective_scan_cpp(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    segment: int | None = None,
-    delta_proj: Tensor | None = None,
-    chunk: int = DEFAULT_CHUNK,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Fused CPU selective scan; same arguments and result as `selective_scan_ref`. `segment`: the state restarts
-    from zero every `segment` steps (windows aligned to the start, each as its own sequence); `delta_proj`
-    (d_inner, R): delta is (batch, R, L) and the step sizes are delta_proj @ delta, computed inside the kernel;
-    `chunk`: backward restart interval in steps."""
-    dtype_in, dtype = u.dtype, compute_dtype(u)
-    args = (batch_first(u, dtype), batch_first(delta, dtype), contiguous_as(A, dtype)[None], batch_first(B, dtype),
-            batch_first(C, dtype), contiguous_as(D, dtype), batch_first(z, dtype), contiguous_as(delta_bias, dtype))
-    proj = None if delta_proj is None else delta_proj.to(dtype)
-    keep = segment_keep(u.shape[0], u.shape[-1], segment, u.device)
-    out, last = scan_rows(*args, delta_softplus=delta_softplus, keep=keep, chunk=chunk, delta_proj=proj)
-    out = out.transpose(1, 2).to(dtype_in)
-    return (out, last) if return_last_state else out
-
-
 class _CppConv(torch.autograd.Function):
     """silu(causal depthwise conv) of x (rows, L, c) with nn.Conv1d's weight (c, 1, K) and bias (c,) or None;
     segment > 0: no tap reads across a start of a window of `segment` steps."""
@@ -280,12 +143,12 @@ class _CppConv(torch.autograd.Function):
         taps = weight[:, 0, :].t().contiguous()  # (K, c)
         ctx.save_for_backward(x, taps, bias)
         ctx.segment = segment
-        return _ops().conv_forward(x, taps, bias, segment)
+        return cpp_ops().conv_forward(x, taps, bias, segment)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, taps, bias = ctx.saved_tensors
-        g_x, g_taps_rows, g_bias_rows = _ops().conv_backward(x, taps, bias, grad_out, ctx.segment)
+        g_x, g_taps_rows, g_bias_rows = cpp_ops().conv_backward(x, taps, bias, grad_out, ctx.segment)
         g_weight = g_taps_rows.sum(0).t()[:, None, :]
         return g_x, g_weight, g_bias_rows.sum(0) if bias is not None else None, None
 

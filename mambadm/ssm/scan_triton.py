@@ -58,7 +58,7 @@ def _kernels():
     """(triton, forward kernel, backward kernel), imported on first use."""
     import triton
 
-    from mambadm.ssm.triton_kernels import scan_bwd, scan_fwd
+    from mambadm.kernels.triton_scan import scan_bwd, scan_fwd
 
     return triton, scan_fwd, scan_bwd
 

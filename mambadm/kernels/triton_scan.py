@@ -1,4 +1,5 @@
-"""Triton kernels of the `triton` selective-scan backend (scan_triton.py holds the autograd wrapper and the docs).
+"""Triton kernels of the `triton` selective-scan backend (mambadm/ssm/scan_triton.py holds their launchers, the
+autograd wrapper and the docs).
 
 Imported only when that backend runs: importing this module needs triton.
 """

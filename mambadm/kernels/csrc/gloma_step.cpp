@@ -1,10 +1,10 @@
 // One recurrent acting step of MambaDM's whole stack of GLoMa layers on the CPU, in one call.
 //
-// At one env per call an action costs the number of ops, not their size: the Python layer step
-// (mambadm/model/recurrent.py, `layer_step`, the readable version of this file) makes ~40 PyTorch calls per layer at
+// At one env per call an action costs the number of ops, not their size: the readable step (`GLoMaBlock.step`,
+// mambadm/model/gloma.py, over `Mamba.step` in mambadm/ssm/mixer.py) makes dozens of PyTorch calls per layer at
 // a few microseconds of interpreter and dispatch each. Here the matmuls and norms are ATen calls made from C++, the
 // causal conv, the segment masks and the copies are plain loops, and the recurrence is the fused scan kernel
-// (mamba_cpu.cpp). tests/test_model.py checks the result against `layer_step` and `GLoMaBlock.forward`.
+// (mamba_cpu.cpp). tests/test_model.py checks the result against `GLoMaBlock.step` and `GLoMaBlock.forward`.
 //
 // Per layer, for a chunk x (B, L, d) of tokens whose first token has index token_index[b] in its episode:
 //
