@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mambadm import data as D  # noqa: E402
-from mambadm.config import load_config  # noqa: E402
-from mambadm.export import spec_from_dict  # noqa: E402
+from mambadm.config import EnvSpec, load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 
@@ -93,7 +92,7 @@ def bench_config(name: str, shards: Path, batches: int, steps: int) -> str:
     kept = [next(stream) for _ in range(steps + 2)]  # the same kind of batches, decoded before timing
     del stream
     torch.manual_seed(0)
-    model = build_model(cfg.model, spec_from_dict(index["env_spec"]))
+    model = build_model(cfg.model, EnvSpec.from_dict(index["env_spec"]))
     train = cfg.data.batch_size / train_seconds(model, cfg.optim, kept)
     return (f"| {name} | {cfg.data.context_len} | {cfg.data.batch_size} | {cfg.model.family} {cfg.model.n_layer}x"
             f"{cfg.model.d_model} ({model.num_params():,}) | {rates[1]:,.0f} | {rates[2]:,.0f} | {train:,.1f} | "

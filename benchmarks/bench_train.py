@@ -35,8 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mambadm import data as D  # noqa: E402
-from mambadm.config import load_config  # noqa: E402
-from mambadm.export import spec_from_dict  # noqa: E402
+from mambadm.config import EnvSpec, load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 
@@ -127,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
         index = D.read_index(shards)
-        spec = spec_from_dict(index["env_spec"])
+        spec = EnvSpec.from_dict(index["env_spec"])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {index['env']}; batch {args.batch}"
               f"{'; both models compiled' if args.compile else ''}{'; table 1 in bf16 autocast' if args.bf16 else ''}")
         if args.contexts:

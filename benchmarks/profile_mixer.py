@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
-    D, build_model, load_config, make_optimizer, make_shards, matched_dt_width, spec_from_dict, train_step,
+    D, EnvSpec, build_model, load_config, make_optimizer, make_shards, matched_dt_width, train_step,
 )
 
 import mambadm.ssm.scan_cpp as scan_cpp  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
             index = D.read_index(shards)
-            spec = spec_from_dict(index["env_spec"])
+            spec = EnvSpec.from_dict(index["env_spec"])
             print("\n| K | MambaDM step ms | of which scan ms | DT step ms (d_model) | MambaDM / DT samples/s "
                   "| bound with a free scan |\n|---|---|---|---|---|---|")
             for k in args.contexts:

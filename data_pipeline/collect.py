@@ -13,8 +13,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.sources.mujoco_tasks import TASKS as MUJOCO  # noqa: E402
+
 ATARI = {"breakout": "Breakout", "pong": "Pong"}
-MUJOCO = ("hopper", "halfcheetah", "walker2d")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,13 @@ A seed fixes the env (sticky actions included) and the policy, so a collection i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.atomic import atomic_write_json
 from data_pipeline.formats.dopamine import LoggedReplayBuffer
 from data_pipeline.policies.epsilon import EpsilonPlayer
 
@@ -92,12 +92,11 @@ def collect_atari(game: str, output_dir: str | Path, transitions: int, seed: int
     if log_dir.exists() and any(log_dir.iterdir()):
         raise FileExistsError(f"{log_dir} already holds files; choose an empty output folder")
     summary = collect_into(game, log_dir, transitions, seed, capacity, epsilons, max_episode_steps, progress)
-    tmp = run_dir / ".collection.json.tmp"
-    tmp.write_text(json.dumps({**asdict(summary), "by_epsilon": summary.by_epsilon(),
-                               "protocol": {"sticky_actions": STICKY_ACTIONS, "frame_skip": FRAME_SKIP,
-                                            "max_episode_steps": max_episode_steps, "noop_max": 0,
-                                            "terminal_on_life_loss": False, "reward_clip": [-1, 1]}}, indent=1))
-    tmp.replace(run_dir / "collection.json")
+    atomic_write_json(run_dir / "collection.json",
+                      {**asdict(summary), "by_epsilon": summary.by_epsilon(),
+                       "protocol": {"sticky_actions": STICKY_ACTIONS, "frame_skip": FRAME_SKIP,
+                                    "max_episode_steps": max_episode_steps, "noop_max": 0,
+                                    "terminal_on_life_loss": False, "reward_clip": [-1, 1]}}, indent=1)
     return log_dir
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.formats.d4rl import write_d4rl
-from data_pipeline.sources.mujoco_tasks import TASKS
+from data_pipeline.sources.mujoco_tasks import TASKS, gym_id
 
 MAX_EPISODE_STEPS = 1000
 
@@ -62,9 +62,7 @@ def act(b: Behaviour, qpos: np.ndarray, qvel: np.ndarray, t: float, rng: np.rand
 
 def collect_mujoco(task: str, output_dir: str | Path, transitions: int = 100_000, seed: int = 0) -> Path:
     """Run the behaviours in ``task``'s gymnasium env for ``transitions`` steps; write ``<task>-mixed-v2.hdf5``."""
-    if task not in TASKS:
-        raise ValueError(f"unknown MuJoCo task {task!r}; expected one of {sorted(TASKS)}")
-    env_id, _, act_dim = TASKS[task]
+    env_id, act_dim = gym_id(task), TASKS[task].act_dim
     env = gym.make(env_id, max_episode_steps=MAX_EPISODE_STEPS)
     rng = np.random.default_rng(seed)
     data: dict[str, list] = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals",

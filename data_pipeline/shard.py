@@ -25,10 +25,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
+from data_pipeline.atomic import atomic_write_json  # noqa: E402
 from data_pipeline.chunking import Chunking  # noqa: E402
 from data_pipeline.errors import DatasetFormatError  # noqa: E402
 from data_pipeline.running_stats import RunningStats  # noqa: E402
-from data_pipeline.shard_unit import UnitJob, sha256_file, shard_unit, write_json_atomic  # noqa: E402
+from data_pipeline.shard_unit import UnitJob, sha256_file, shard_unit  # noqa: E402
 from data_pipeline.sources import READERS, get_reader  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shard.py: error: {e}", file=sys.stderr)
             return 2
         index = build_index(desc, args.source, chunking, records, command)
-        write_json_atomic(output / "index.json", index)
+        atomic_write_json(output / "index.json", index, indent=1)
         t = index["totals"]
         print(f"wrote {len(index['shards'])} shards ({t['samples']} samples, {t['transitions']} transitions, "
               f"{t['episodes']} episodes, {t['bytes'] / 1e6:.1f} MB) from {len(jobs)} units in "

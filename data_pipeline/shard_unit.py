@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write_json
 from data_pipeline.chunking import Chunking, chunk_samples
 from data_pipeline.running_stats import RunningStats
 from data_pipeline.sources import get_reader
@@ -57,16 +58,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_valid_record(job: UnitJob) -> dict | None:
@@ -220,5 +211,5 @@ def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> d
         series.close()
     record = {"identity": job.identity(), "shards": series.shards, **totals, "returns": returns.to_dict(),
               "states": states.to_dict() if states is not None else None}
-    write_json_atomic(job.record_path(), record)
+    atomic_write_json(job.record_path(), record, indent=1)
     return record

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 
-MUJOCO_IDS = {"hopper": "Hopper", "halfcheetah": "HalfCheetah", "walker2d": "Walker2d"}
+from data_pipeline.sources.mujoco_tasks import gym_id
 
 
 class NormalizeState(gym.ObservationWrapper):
@@ -95,11 +95,10 @@ def make_mujoco(task: str, cfg: Any, state_mean: Optional[Sequence[float]] = Non
                 state_std: Optional[Sequence[float]] = None, render: bool = False) -> gym.Env:
     """Gymnasium MuJoCo locomotion env (v5 by default) with a ``cfg.max_episode_steps`` time limit and, when the
     dataset's statistics are given, normalised states."""
-    if task not in MUJOCO_IDS:
-        raise ValueError(f"unknown MuJoCo task '{task}' (known: {sorted(MUJOCO_IDS)})")
+    env_id = gym_id(task, cfg.mujoco_version)
     if render:
         headless_gl()
-    env = gym.make(f"{MUJOCO_IDS[task]}-{cfg.mujoco_version}", max_episode_steps=int(cfg.max_episode_steps),
+    env = gym.make(env_id, max_episode_steps=int(cfg.max_episode_steps),
                    render_mode="rgb_array" if render else None)
     if (state_mean is None) != (state_std is None):
         raise ValueError("state normalisation needs both state_mean and state_std")
@@ -140,6 +139,6 @@ def protocol(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
             "terminal_on_life_loss": bool(cfg.terminal_on_life_loss),
             "full_action_space": bool(cfg.full_action_space), "max_episode_frames": int(cfg.max_episode_frames),
         }
-    env_id = eval_env["id"] if eval_env["kind"] == "gymnasium" else f"{MUJOCO_IDS[eval_env['task']]}-{cfg.mujoco_version}"
+    env_id = eval_env["id"] if eval_env["kind"] == "gymnasium" else gym_id(eval_env["task"], cfg.mujoco_version)
     return common | {"env_id": env_id,
                      "max_episode_steps": int(cfg.max_episode_steps), "state_std_eps": float(cfg.state_std_eps)}

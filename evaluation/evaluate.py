@@ -47,18 +47,18 @@ import ray  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data_pipeline.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from data_pipeline.sources.mujoco_tasks import TASKS  # noqa: E402
 from evaluation.actors import ActorFleet, run_groups  # noqa: E402
 from evaluation.envs import protocol  # noqa: E402
 from evaluation.policy import acting_mode  # noqa: E402
-from evaluation.results import markdown_table, summarize, write_json  # noqa: E402
+from evaluation.results import markdown_table, summarize  # noqa: E402
 from evaluation.rollout import groups_of, make_tasks  # noqa: E402
 from evaluation.scores import default_targets, env_name  # noqa: E402
-from mambadm.config import EvalConfig, from_yaml_text  # noqa: E402
+from mambadm.config import CHOICES, EvalConfig, from_yaml_text  # noqa: E402
 
-RANDOM_ENVS = {"breakout": {"kind": "atari", "game": "Breakout"}, "pong": {"kind": "atari", "game": "Pong"},
-               "qbert": {"kind": "atari", "game": "Qbert"}, "seaquest": {"kind": "atari", "game": "Seaquest"},
-               "hopper": {"kind": "mujoco", "task": "hopper"}, "halfcheetah": {"kind": "mujoco", "task": "halfcheetah"},
-               "walker2d": {"kind": "mujoco", "task": "walker2d"}}
+RANDOM_ENVS = {**{game.lower(): {"kind": "atari", "game": game} for game in ("Breakout", "Pong", "Qbert", "Seaquest")},
+               **{task: {"kind": "mujoco", "task": task} for task in TASKS}}
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -129,8 +129,7 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
         gif = e.pop("gif", None)
         if gif is not None:
             path = Path(record_dir) / f"{env_name(eval_env)}-target{e['target']:g}-episode{e['index']}.gif"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(gif)
+            atomic_write_bytes(path, gif)
             e["gif"] = str(path)
     frame_stack = int(payload.get("spec", {}).get("obs_shape", [4])[0])
     mode = acting_mode(from_yaml_text(payload["config"]).model.family, cfg.mode) if payload["kind"] == "model" else "-"
@@ -161,8 +160,8 @@ def build_config(base: Any, args: argparse.Namespace) -> Any:
     if cfg.episodes < 1 or cfg.actors < 1 or cfg.envs_per_actor < 1:
         raise SystemExit(f"evaluate: episodes, actors and envs_per_actor must be >= 1, got {cfg.episodes}, "
                          f"{cfg.actors}, {cfg.envs_per_actor}")
-    for key, allowed in (("mode", ("recurrent", "window")), ("mujoco_version", ("v4", "v5")),
-                         ("frame_padding", ("zero", "reset"))):
+    for key in ("mode", "mujoco_version", "frame_padding"):
+        allowed = CHOICES[f"eval.{key}"]
         if cfg[key] not in allowed:
             raise SystemExit(f"evaluate: {key} must be one of {list(allowed)}, got '{cfg[key]}'")
     return cfg
@@ -177,7 +176,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, help="Ray rollout actors")
     p.add_argument("--envs-per-actor", dest="envs_per_actor", type=int, help="envs (and batch size) per actor")
     p.add_argument("--targets", type=float, nargs="+", help="target returns (default: the protocol's)")
-    p.add_argument("--mode", choices=["recurrent", "window"])
+    p.add_argument("--mode", choices=CHOICES["eval.mode"])
     p.add_argument("--greedy", action="store_true", help="argmax actions instead of sampling from the softmax")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval config field")
@@ -213,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            max_task_retries=args.max_task_retries, progress=not args.no_progress)
     finally:
         ray.shutdown()
-    write_json(output, results)
+    atomic_write_json(output, results)
     print(markdown_table(results))
     print(f"\nwrote {output}")
     return 0

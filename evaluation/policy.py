@@ -10,7 +10,6 @@ return-to-go starts at the target, is decremented by each observed *raw* reward,
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,7 +25,7 @@ def payload_from_export(export_dir: str | Path) -> dict:
 
     model, cfg, spec, dataset_info = load_export(export_dir)
     return {"kind": "model", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": to_yaml(cfg), "spec": dataclasses.asdict(spec), "dataset_info": dict(dataset_info),
+            "config": to_yaml(cfg), "spec": spec.to_dict(), "dataset_info": dict(dataset_info),
             "source": str(Path(export_dir).resolve())}
 
 
@@ -120,11 +119,10 @@ def build_policy(payload: dict, action_space: gym.Space, mode: str = "recurrent"
         return RandomPolicy(action_space)
     if payload["kind"] != "model":
         raise ValueError(f"unknown policy payload kind '{payload['kind']}' (expected 'model' or 'random')")
-    from mambadm.config import from_yaml_text
-    from mambadm.export import spec_from_dict
+    from mambadm.config import EnvSpec, from_yaml_text
     from mambadm.model import build_model
 
     cfg = from_yaml_text(payload["config"])
-    model = build_model(cfg.model, spec_from_dict(payload["spec"]))
+    model = build_model(cfg.model, EnvSpec.from_dict(payload["spec"], "the policy payload's spec"))
     model.load_state_dict(payload["state_dict"])
     return ModelPolicy(model, cfg, payload["spec"], action_space, mode=mode, sample=sample, device=device)

@@ -1,12 +1,7 @@
-"""Aggregating episode results per target: mean, std, stderr, normalised scores; the Markdown table; results.json."""
+"""Aggregating episode results per target: mean, std, stderr, normalised scores; the Markdown table."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -42,14 +37,3 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {name} | {r['target']:g} | {r['episodes']} | {r['mean']:.1f} ± {r['stderr']:.1f} | "
                      f"{r['std']:.1f} | {r['min']:.1f} | {r['max']:.1f} | {norm} |")
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Atomic write: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

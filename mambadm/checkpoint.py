@@ -8,12 +8,13 @@ leaves at worst a ``tmp-*`` directory, which is ignored and later removed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from data_pipeline.atomic import atomic_write_json, atomic_write_text, replace_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -70,13 +71,6 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Optional[Path]:
     return path
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, config_yaml: str) -> Path:
     """Collective: every rank must call it. Returns the final ``step-*`` path."""
     tmp, final = tmp_dir(run_dir, state.step), step_dir(run_dir, state.step)
@@ -87,11 +81,9 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_synced(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
-        _write_synced(tmp / "config.yaml", config_yaml)
-        if final.exists():  # same step saved before (a rerun after a kill right after the rename)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        atomic_write_json(tmp / STATE_FILE, asdict(state))
+        atomic_write_text(tmp / "config.yaml", config_yaml)
+        replace_dir(tmp, final)  # over the same step saved before (a rerun after a kill right after the rename)
     accelerator.wait_for_everyone()
     return final
 

@@ -12,7 +12,8 @@ Unknown keys are errors that name the key and where it came from. A YAML file ma
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +27,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
 
 
+ENV_SPEC_TYPES = {"obs_kind": str, "obs_shape": lambda v: [int(x) for x in v], "act_dim": int, "discrete": bool,
+                  "max_timestep": int}  # EnvSpec.from_dict: each field and how a plain value becomes it
+
+
 @dataclass
 class EnvSpec:
     """What the model must know about the task; comes from a dataset's index.json, saved with every export."""
@@ -35,6 +40,27 @@ class EnvSpec:
     act_dim: int = 4  # number of discrete actions, or the dimension of a continuous action
     discrete: bool = True  # discrete -> cross-entropy on logits; continuous -> tanh output + MSE
     max_timestep: int = 4096  # size of the timestep embedding table (timesteps are clamped to it)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "env_spec") -> "EnvSpec":
+        """The spec from a plain mapping (index.json's ``env_spec``, an export's env_spec.json, a policy payload):
+        every field required, typed here, other keys ignored. A missing key or a bad value is a ConfigError naming
+        ``source``, the key, and what was expected."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a mapping with keys {list(ENV_SPEC_TYPES)}, got {d!r}")
+        missing = [k for k in ENV_SPEC_TYPES if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) {missing} (an env spec needs {list(ENV_SPEC_TYPES)}; "
+                              f"found {sorted(d)})")
+        try:
+            return cls(**{k: convert(d[k]) for k, convert in ENV_SPEC_TYPES.items()})
+        except (TypeError, ValueError):
+            bad = {k: d[k] for k in ENV_SPEC_TYPES}
+            raise ConfigError(f"{source}: expected obs_kind: str, obs_shape: list of int, act_dim: int, "
+                              f"discrete: bool, max_timestep: int; got {bad}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -50,8 +76,8 @@ class ModelConfig:
     d_conv: int = 4
     expand: int = 2
     local_window: int = 4  # timesteps per local window: the local Mamba sees 3*local_window tokens
-    fusion: str = "add"  # add | gate | concat
-    backend: str = "auto"  # auto | ref | fast | cpp | cuda | triton
+    fusion: str = "add"  # one of mambadm.model.gloma.FUSIONS: add | gate | concat
+    backend: str = "auto"  # one of mambadm.ssm.backends.BACKENDS: auto | ref | fast | cpp | cuda | triton
     # Decision Transformer
     n_head: int = 4
 
@@ -131,10 +157,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
+CHOICES = {  # keys with a fixed set of values; model.fusion and model.backend: see `choices`
     "model.family": ("mambadm", "dt"),
-    "model.fusion": ("add", "gate", "concat"),
-    "model.backend": ("auto", "ref", "fast", "cpp", "cuda", "triton"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.mode": ("recurrent", "window"),
     "eval.mujoco_version": ("v4", "v5"),
@@ -216,8 +240,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values. The fusion and backend lists live beside their code and are imported
+    here, when a config is validated, so that importing this module stays free of torch."""
+    from mambadm.model.gloma import FUSIONS
+    from mambadm.ssm.backends import BACKENDS
+
+    return {**CHOICES, "model.fusion": tuple(FUSIONS), "model.backend": tuple(BACKENDS)}
+
+
 def validate(cfg: Any) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
         except Exception:

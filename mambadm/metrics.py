@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from data_pipeline.atomic import atomic_write_text
+
 ROW_KEYS = ("step", "loss", "val_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "params",
             "tokens_seen", "transitions_seen", "samples_seen", "flops")
 
@@ -18,9 +20,7 @@ def truncate_after(path: Path, step: int) -> None:
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

@@ -1,6 +1,6 @@
 import pytest
 
-from mambadm.config import ConfigError, RunConfig, from_yaml_text, load_config, to_yaml
+from mambadm.config import ConfigError, EnvSpec, RunConfig, from_yaml_text, load_config, to_yaml
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -68,3 +68,33 @@ def test_preset_sits_under_the_layer_that_chose_it(tmp_path):
     (tmp_path / "sized.yaml").write_text("model:\n  size: m\n  d_model: 8\n")
     chosen_in_yaml = load_config(tmp_path / "sized.yaml")
     assert chosen_in_yaml.model.d_model == 8 and chosen_in_yaml.model.n_layer == preset.n_layer
+
+
+def test_choice_lists_come_from_the_code_that_implements_them():
+    from mambadm.config import choices
+    from mambadm.model.gloma import FUSIONS
+    from mambadm.ssm.backends import BACKENDS
+
+    assert choices()["model.fusion"] == tuple(FUSIONS) and choices()["model.backend"] == tuple(BACKENDS)
+    for fusion in FUSIONS:
+        assert load_config(None, [f"model.fusion={fusion}"]).model.fusion == fusion
+    with pytest.raises(ConfigError, match=r"model.backend.*'warp'"):
+        load_config(None, ["model.backend=warp"])
+
+
+def test_env_spec_from_dict_round_trips_and_names_what_is_missing():
+    import json
+
+    spec = EnvSpec(obs_kind="vector", obs_shape=[11], act_dim=3, discrete=False, max_timestep=1000)
+    assert EnvSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    as_index = {"obs_kind": "atari", "obs_shape": (4, 84, 84), "act_dim": "18", "discrete": 1, "max_timestep": 4096,
+                "later_field": "ignored"}  # index.json may carry keys a spec does not use
+    typed = EnvSpec.from_dict(as_index)
+    assert typed == EnvSpec("atari", [4, 84, 84], 18, True, 4096) and isinstance(typed.obs_shape, list)
+    partial = {k: v for k, v in spec.to_dict().items() if k != "act_dim"}
+    with pytest.raises(ConfigError, match=r"shards/index.json: missing key\(s\) \['act_dim'\]"):
+        EnvSpec.from_dict(partial, "shards/index.json")
+    with pytest.raises(ConfigError, match="act_dim: int.*'three'"):
+        EnvSpec.from_dict(spec.to_dict() | {"act_dim": "three"}, "env_spec.json")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        EnvSpec.from_dict(None, "env_spec.json")

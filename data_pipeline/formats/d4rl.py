@@ -6,11 +6,12 @@ numbers, small arrays). Arrays are gzip-compressed like D4RL's. The file appears
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from data_pipeline.atomic import atomic_path
 
 DTYPES = {
     "observations": np.float32, "next_observations": np.float32, "actions": np.float32, "rewards": np.float32,
@@ -28,12 +29,9 @@ def write_d4rl(path: str | Path, data: dict[str, np.ndarray], metadata: dict | N
     rows = {name: len(data[name]) for name in DTYPES}
     if len(set(rows.values())) != 1:
         raise ValueError(f"{path}: arrays must have equal lengths, found {rows}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, dtype in DTYPES.items():
             f.create_dataset(name, data=np.asarray(data[name]).astype(dtype), compression="gzip")
         for name, value in (metadata or {}).items():
             f.create_dataset(f"metadata/{name}", data=value)
-    os.replace(tmp, path)
     return path

@@ -23,10 +23,11 @@ collection is byte-reproducible; files are written under a temporary name and re
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.atomic import atomic_path
 
 STORE_PREFIX = "$store$_"
 STORE_ARRAYS = ("observation", "action", "reward", "terminal")
@@ -46,13 +47,9 @@ def invalid_range(cursor: int, capacity: int, stack_size: int, update_horizon: i
 
 def write_npy_gz(path: Path, array: np.ndarray) -> None:
     """One checkpoint file: an NPY stream inside gzip, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as raw:
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
         with gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, mtime=0) as f:
             np.save(f, array, allow_pickle=False)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
 
 
 class ReplayBuffer:
