@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import torch
 
-from mambadm.analysis.eigen import analyse, eigenvalues, main
+from mambadm.study.eigen import analyse, eigenvalues, main
 from mambadm.config import EnvSpec, load_config
 from mambadm.export import save_export
-from mambadm.grid_plan import synthetic_batch
+from mambadm.study.plan import synthetic_batch
 from mambadm.model import build_model
 
 SPEC = EnvSpec(obs_kind="vector", obs_shape=[11], act_dim=3, discrete=False, max_timestep=1000)
@@ -32,7 +32,7 @@ def png_size(path):
 def test_cli_on_export_counts_shapes_and_png(tmp_path):
     cfg, model = tiny()
     save_export(tmp_path / "export", model, cfg, SPEC, {"env": "hopper"})
-    proc = subprocess.run([sys.executable, "-m", "mambadm.analysis.eigen", str(tmp_path / "export"),
+    proc = subprocess.run([sys.executable, "-m", "mambadm.study.eigen", str(tmp_path / "export"),
                            "--out", str(tmp_path / "eig")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eig" / "eigen.json").read_text())

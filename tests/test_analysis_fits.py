@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mambadm.analysis.fits import FitError, fit_joint, fit_power_law
+from mambadm.study.fits import FitError, fit_joint, fit_power_law
 
 
 def test_power_law_exact_recovery():

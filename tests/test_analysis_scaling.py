@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from mambadm.analysis.scaling import analyse
-from mambadm.grid_cell import RESULT_COLUMNS
+from mambadm.study.scaling import analyse
+from mambadm.study.cell import RESULT_COLUMNS
 
 SIZES = {"xs": 1e5, "s": 4e5, "m": 1.6e6}
 DATA = (25_000, 50_000, 100_000)
@@ -45,7 +45,7 @@ def png_size(path):
 def test_cli_recovers_exponents_and_writes_outputs(tmp_path):
     write_csv(tmp_path / "results.csv", k_data=0.4, k_model=0.0)
     out = tmp_path / "analysis"
-    proc = subprocess.run([sys.executable, "-m", "mambadm.analysis.scaling", str(tmp_path / "results.csv"),
+    proc = subprocess.run([sys.executable, "-m", "mambadm.study.scaling", str(tmp_path / "results.csv"),
                            "--out", str(out), "--boot", "100"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "scaling.json").read_text())
@@ -75,6 +75,6 @@ def test_claim_check_reports_disagreement(tmp_path):
 
 def test_cli_rejects_bad_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("family,size\nmambadm,xs\n")
-    proc = subprocess.run([sys.executable, "-m", "mambadm.analysis.scaling", str(tmp_path / "bad.csv")],
+    proc = subprocess.run([sys.executable, "-m", "mambadm.study.scaling", str(tmp_path / "bad.csv")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "missing column" in proc.stderr

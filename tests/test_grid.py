@@ -11,8 +11,9 @@ import mambadm.config as config_module
 from grid_setup import REPO, make_workspace, write_grid
 from mambadm.config import ConfigError, load_config
 from mambadm.data import read_index, select_shards, transitions_of
-from mambadm.grid_plan import TOKENS_PER_STEP, env_spec, expand, load_grid
 from mambadm.model import build_model
+from mambadm.model.base import TOKENS_PER_STEP
+from mambadm.study.plan import env_spec, expand, load_grid
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_expand_matches_models_and_nested_subsets(presets):
     for c in cells:
         cfg = load_config(ws / "base.yaml", c.overrides)  # what the cell's training will build
         assert cfg.model.d_model == {"t1": 16, "t2": 32}[c.size]  # the preset wins over the base's d_model
-        model = build_model(cfg.model, env_spec(index))
+        model = build_model(cfg.model, env_spec(ws / "shards"))
         assert c.params == model.num_params() and c.non_embedding_params == model.num_params(non_embedding=True)
         assert c.flops == pytest.approx(model.flops_per_token(5) * c.tokens)
         train, _ = select_shards(index, cfg.data)

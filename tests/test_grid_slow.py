@@ -59,11 +59,11 @@ def test_killed_grid_restarts_where_it_stopped(ws, tmp_path):
         assert int(r["transitions"]) >= int(r["cell"].split("-t")[-1].split("-")[0])
     assert int(rows[0]["transitions"]) < int(rows[1]["transitions"])
 
-    scaling = subprocess.run([sys.executable, "-m", "mambadm.analysis.scaling", str(out / "results.csv"),
+    scaling = subprocess.run([sys.executable, "-m", "mambadm.study.scaling", str(out / "results.csv"),
                               "--boot", "50"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert scaling.returncode == 0, scaling.stderr
     assert (out / "scaling.png").stat().st_size > 10_000
-    eigen = subprocess.run([sys.executable, "-m", "mambadm.analysis.eigen", rows[0]["checkpoint"], "--delta", "data",
+    eigen = subprocess.run([sys.executable, "-m", "mambadm.study.eigen", rows[0]["checkpoint"], "--delta", "data",
                             "--out", str(tmp_path / "eig")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert eigen.returncode == 0, eigen.stderr
     result = json.loads((tmp_path / "eig" / "eigen.json").read_text())

@@ -9,7 +9,7 @@ Step rules (`step_rule`; the paper does not say how its grid was budgeted, so ea
   updates (or `flops_budget` when > 0): steps = round(budget / (flops_per_token · tokens_per_step)).
 
 global_batch = batch size (per process) · grad_accum · processes; tokens_per_step = global_batch · K · 3 (a
-timestep is three tokens: return-to-go, state, action); estimated FLOPs = flops_per_token(K) · tokens.
+timestep is TOKENS_PER_STEP = 3 tokens: return-to-go, state, action); estimated FLOPs = flops_per_token(K) · tokens.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mambadm.config import ConfigError, EnvSpec, load_config, preset_path
+from mambadm.model.base import TOKENS_PER_STEP
 
-TOKENS_PER_STEP = 3  # return-to-go, state, action
 STEP_RULES = ("equal_steps", "equal_epochs", "equal_compute")
 
 
@@ -130,18 +130,12 @@ def base_path(grid: Any, grid_file: Path) -> Path:
     return p if p.is_absolute() else (Path(grid_file).parent / p)
 
 
-def read_index(shards: str) -> dict | None:
-    p = Path(shards) / "index.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def env_spec(index: dict | None) -> EnvSpec:
-    """The dataset's EnvSpec from index.json (the defaults, an Atari spec, when the shards are not there yet)."""
-    if index is None:
+def env_spec(shards: str) -> EnvSpec:
+    """The dataset's EnvSpec from its index.json (the defaults, an Atari spec, when the shards are not there yet)."""
+    path = Path(shards) / "index.json"
+    if not path.is_file():
         return EnvSpec()
-    s = index["env_spec"]
-    return EnvSpec(obs_kind=s["obs_kind"], obs_shape=list(s["obs_shape"]), act_dim=int(s["act_dim"]),
-                   discrete=bool(s["discrete"]), max_timestep=int(s["max_timestep"]))
+    return EnvSpec.from_dict(json.loads(path.read_text()).get("env_spec"), f"{path}: env_spec")
 
 
 def synthetic_batch(spec: EnvSpec, batch: int, k: int) -> dict[str, torch.Tensor]:
@@ -176,10 +170,10 @@ def measure_seconds_per_token(model: torch.nn.Module, spec: EnvSpec, k: int, bat
 
 def subset_transitions(cfg: Any) -> int:
     """Owned transitions of the training subset the run will use (0 when the shards are not there yet)."""
-    from mambadm.data import DataError, read_index as read_checked_index, select_shards, transitions_of
+    from mambadm.data import DataError, read_index, select_shards, transitions_of
 
     try:
-        index = read_checked_index(cfg.data.shards)
+        index = read_index(cfg.data.shards)
         return transitions_of(select_shards(index, cfg.data)[0])
     except DataError as e:
         if not (Path(cfg.data.shards) / "index.json").is_file():
@@ -205,12 +199,11 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
             if batch_size:
                 common.append(f"data.batch_size={batch_size}")
             cfg = load_config(base, common)
-            index = read_index(cfg.data.shards)
             k = int(cfg.data.context_len)
             global_batch = int(cfg.data.batch_size) * int(cfg.optim.grad_accum) * int(grid.resources.num_processes)
             tokens_per_step = global_batch * k * TOKENS_PER_STEP
             if (family, size) not in models:
-                spec = env_spec(index)
+                spec = env_spec(cfg.data.shards)
                 model = build_model(cfg.model, spec)
                 fpt = float(model.flops_per_token(k))
                 timed = measure and not grid.flops_per_second

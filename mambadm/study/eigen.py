@@ -1,6 +1,6 @@
 """Eigenvalues of the SSM state matrices A of every layer's global and local Mamba branch (the paper's Figure 4).
 
-    python -m mambadm.analysis.eigen RUN/export [--out DIR] [--delta bias|data] [--batches 1] [--threshold 0.99]
+    python -m mambadm.study.eigen RUN/export [--out DIR] [--delta bias|data] [--batches 1] [--threshold 0.99]
 
 In Mamba, A is diagonal per channel (d_inner × d_state real entries, A = -exp(A_log)), so its eigenvalues are its
 entries, all real and negative. The discretised transition is exp(Δ·A) with a per-token step Δ = softplus(dt_proj(x)
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambadm.analysis.plots import atomic_write_text, eigen_figure
+from data_pipeline.atomic import atomic_write_text
+from mambadm.study.plots import eigen_figure
 from mambadm.ssm.mixer import Mamba
 
 THRESHOLDS = (0.9, 0.99, 0.999)

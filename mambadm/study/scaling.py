@@ -1,6 +1,6 @@
 """Scaling analysis of a grid's results.csv: power laws of score and validation loss vs model and dataset size.
 
-    python -m mambadm.analysis.scaling results.csv [--out DIR] [--metric score_mean] [--boot 1000]
+    python -m mambadm.study.scaling results.csv [--out DIR] [--metric score_mean] [--boot 1000]
 
 Writes into DIR (default: the CSV's folder): `scaling.png` (score and validation loss vs parameters and vs
 transitions, both families, like the paper's Figure 2), `scaling.json` (every fit with its bootstrap CI) and
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mambadm.analysis.fits import FitError, fit_joint, fit_power_law
-from mambadm.analysis.plots import atomic_write_text, scaling_figure
+from data_pipeline.atomic import atomic_write_text
+from mambadm.study.fits import FitError, fit_joint, fit_power_law
+from mambadm.study.plots import scaling_figure
 
 NUMERIC = ("params", "non_embedding_params", "transitions", "steps", "tokens", "flops", "final_val_loss",
            "best_val_loss", "score_mean", "score_std", "normalized_mean", "normalized_std", "wall_time_s", "seed")

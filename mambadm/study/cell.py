@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mambadm.analysis.plots import atomic_write_text
+from data_pipeline.atomic import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULT_COLUMNS = ("cell", "family", "size", "seed", "params", "non_embedding_params", "transitions", "steps",
                   "tokens", "flops", "final_val_loss", "best_val_loss", "score_mean", "score_std", "normalized_mean",
                   "normalized_std", "wall_time_s", "checkpoint")

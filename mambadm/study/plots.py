@@ -1,8 +1,6 @@
-"""PNG figures of the analyses (matplotlib, Agg backend) and atomic file writes."""
+"""PNG figures of the analyses (matplotlib, Agg backend), written atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +10,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from data_pipeline.atomic import atomic_path  # noqa: E402
+
 FAMILY_COLORS = {"mambadm": "tab:blue", "dt": "tab:orange"}
 FAMILY_LABELS = {"mambadm": "MambaDM", "dt": "DT"}
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_figure(fig: Any, path: Path) -> None:
     """Saves `fig` as PNG atomically and closes it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def _color(family: str) -> str:
