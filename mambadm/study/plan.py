@@ -7,6 +7,9 @@ Step rules (`step_rule`; the paper does not say how its grid was budgeted, so ea
   epoch is one window start per transition.
 - `equal_compute`: every cell gets the FLOPs of the reference cell (first family, first size) trained `steps`
   updates (or `flops_budget` when > 0): steps = round(budget / (flops_per_token · tokens_per_step)).
+- `isoflop`: an isoFLOP grid, several budgets at once: for each of `flops_budgets` every model size trains the steps
+  that budget buys (the same rounding, so each cell's FLOPs are within half a step of its budget); the cell key gets
+  the budget, e.g. `mambadm-s-t20000-c1e12-s0`.
 
 global_batch = batch size (per process) · grad_accum · processes; tokens_per_step = global_batch · K · 3 (a
 timestep is TOKENS_PER_STEP = 3 tokens: return-to-go, state, action); estimated FLOPs = flops_per_token(K) · tokens.
@@ -17,6 +20,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from omegaconf import OmegaConf
 from mambadm.config import ConfigError, EnvSpec, load_config, preset_path
 from mambadm.model.base import TOKENS_PER_STEP
 
-STEP_RULES = ("equal_steps", "equal_epochs", "equal_compute")
+STEP_RULES = ("equal_steps", "equal_epochs", "equal_compute", "isoflop")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class GridConfig:
     steps: int = 1000  # equal_steps: every cell; equal_compute: the reference cell's steps
     epochs: float = 1.0  # equal_epochs: passes over each cell's subset
     flops_budget: float = 0.0  # equal_compute: FLOPs per cell (0 = from the reference cell)
+    flops_budgets: list[float] = field(default_factory=list)  # isoflop: the FLOP budgets, each one for every size
     batch_size: int = 0  # per-process batch size of every cell (0 = the base config's)
     batch_size_by_size: dict[str, int] = field(default_factory=dict)  # per model size, overrides batch_size
     overrides: list[str] = field(default_factory=list)  # key=value applied to every cell's training config
@@ -106,12 +111,27 @@ def load_grid(path: Path, overrides: list[str] | None = None) -> Any:
         raise ConfigError(f"{path}: transitions must be > 0 and fractions in (0, 1]")
     if g.step_rule not in STEP_RULES:
         raise ConfigError(f"{path}: 'step_rule' must be one of {list(STEP_RULES)}, got '{g.step_rule}'")
+    if (g.step_rule == "isoflop") != bool(g.flops_budgets) or any(not c > 0 for c in g.flops_budgets):
+        raise ConfigError(f"{path}: 'flops_budgets' (FLOPs > 0) goes with step_rule isoflop and only with it; "
+                          f"got step_rule '{g.step_rule}', flops_budgets {list(g.flops_budgets)}")
     if g.launcher not in ("accelerate", "python"):
         raise ConfigError(f"{path}: 'launcher' must be accelerate or python, got '{g.launcher}'")
     for name in ("families", "sizes", "seeds"):
         if not g[name]:
             raise ConfigError(f"{path}: '{name}' is empty")
     return g
+
+
+def budget_axis(grid: Any) -> list[tuple[str, float]]:
+    """The isoflop rule's budget axis: (cell-key suffix, FLOPs) per budget; one empty entry for the other rules."""
+    if grid.step_rule != "isoflop":
+        return [("", 0.0)]
+    return [("-c" + f"{float(c):.3g}".replace("+", ""), float(c)) for c in grid.flops_budgets]
+
+
+def budget_steps(budget: float, flops_per_token: float, tokens_per_step: int) -> int:
+    """The optimizer steps a FLOP budget buys: the nearest whole step (at least 1), so within half a step."""
+    return max(1, round(budget / (flops_per_token * tokens_per_step)))
 
 
 def preset_overrides(family: str, size: str) -> list[str]:
@@ -214,7 +234,7 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
             params, non_emb, fpt, sec_per_token = models[(family, size)]
             if budget is None:
                 budget = grid.flops_budget or fpt * tokens_per_step * grid.steps
-            for label, data_override, requested, _ in data_axis:
+            for (label, data_override, requested, _), (c_label, c_budget) in product(data_axis, budget_axis(grid)):
                 transitions = subset_transitions(load_config(base, [*common, data_override])) or requested or 0
                 if grid.step_rule == "equal_steps":
                     steps = int(grid.steps)
@@ -223,7 +243,7 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
                         raise ConfigError(f"equal_epochs with fractions needs {cfg.data.shards}/index.json")
                     steps = max(1, math.ceil(grid.epochs * transitions / global_batch))
                 else:
-                    steps = max(1, round(budget / (fpt * tokens_per_step)))
+                    steps = budget_steps(c_budget if c_label else budget, fpt, tokens_per_step)
                 tokens = steps * tokens_per_step
                 flops = fpt * tokens
                 if grid.flops_per_second:
@@ -233,7 +253,7 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
                 else:
                     est, src = float("nan"), "not estimated"
                 for seed in grid.seeds:
-                    key = f"{family}-{size}-{label}-s{seed}"
+                    key = f"{family}-{size}-{label}{c_label}-s{seed}"
                     overrides = [*common, data_override, f"train.steps={steps}", f"train.seed={seed}",
                                  f"train.run_dir={out / 'cells' / key / 'run'}"]
                     cells.append(Cell(key=key, family=family, size=size, seed=int(seed), data_label=label,
