@@ -14,6 +14,7 @@ from types import ModuleType
 
 READERS = {
     "dqn-replay": "data_pipeline.sources.dqn_replay",
+    "dqn-replay-dt": "data_pipeline.selection.dt_atari",  # a DQN-Replay run under DT's data selection
     "d4rl": "data_pipeline.sources.d4rl",
     "minari": "data_pipeline.sources.minari",
 }
