@@ -1,4 +1,5 @@
-"""Eigenvalues of the A matrices of a real (tiny) MambaDM export: counts and shapes per layer/branch, the PNG."""
+"""Eigenvalues of the A matrices of a real (tiny) MambaDM export: counts and shapes per layer/branch, the PNG, and
+the change from the initialisation (zero for an untrained export, non-zero once trained)."""
 import json
 import struct
 import subprocess
@@ -73,3 +74,44 @@ def test_dt_export_is_rejected(tmp_path, capsys):
     save_export(tmp_path / "export", model, cfg, SPEC, {"env": "hopper"})
     assert main([str(tmp_path / "export")]) == 2
     assert "no Mamba mixer" in capsys.readouterr().err
+
+
+def eigen_cli(export, out):
+    proc = subprocess.run([sys.executable, "-m", "mambadm.study.eigen", str(export), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "eigen.json").read_text())
+
+
+def test_untrained_export_shows_zero_change_from_init(tmp_path):
+    cfg, model = tiny()  # seeded like training (train.seed = 0), never trained
+    save_export(tmp_path / "export", model, cfg, SPEC, {"env": "hopper"})
+    result = eigen_cli(tmp_path / "export", tmp_path / "eig")
+    assert "train.seed=0" in result["baseline"] and result["unchanged"] is True
+    for s in result["layers"]:
+        assert s["change"]["log_abs_A_change_max"] == 0 and s["change"]["share_A_moved_over_0.05"] == 0
+        assert s["init"]["share_above_0.99"] == s["share_above_0.99"]
+    assert "equal their initialisation" in (tmp_path / "eig" / "eigen.md").read_text()
+
+
+def test_trained_export_moves_from_init(tmp_path):
+    cfg, model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    torch.manual_seed(1)
+    batch = synthetic_batch(SPEC, 4, 6)
+    for _ in range(5):
+        loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_export(tmp_path / "export", model, cfg, SPEC, {"env": "hopper"})
+    result = eigen_cli(tmp_path / "export", tmp_path / "eig")
+    assert result["unchanged"] is False
+    for s in result["layers"]:
+        change = s["change"]
+        # five AdamW steps at lr 0.05 move A_log entries by up to ~0.25: |A| by several percent
+        assert change["log_abs_A_change_median"] > 0.01 and change["share_A_moved_over_0.05"] > 0.1
+        assert change["log_delta_change_median"] > 0
+        assert s["init"]["A_max"] == -1.0  # the initialisation's A = -[1..d_state]
+    md = (tmp_path / "eig" / "eigen.md").read_text()
+    assert "equal their initialisation" not in md and "median \\|Δ log\\|A\\|\\|" in md

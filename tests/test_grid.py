@@ -37,15 +37,19 @@ def test_dry_run_cli_lists_every_cell_with_consistent_flops(ws):
     assert len(rows) == 2 * 2 * 2 * 2  # families × sizes × data sizes × seeds
     assert "16 cells" in proc.stdout and "FLOP rate constant" in proc.stdout
     index = read_index(ws / "shards")
-    for cell, params, non_emb, transitions, steps, batch, tokens, flops, est in rows:
+    for cell, params, non_emb, requested, selected, ratio, steps, batch, tokens, flops, est in rows:
         # parameters and flops_per_token are checked against the models in-process below; here the arithmetic
         tokens, flops = int(tokens.replace(",", "")), float(flops)
         assert tokens == int(steps) * int(batch) * 5 * TOKENS_PER_STEP
         assert float(est[:-1]) == pytest.approx(flops / 1e9, abs=1)
         assert int(non_emb.replace(",", "")) < int(params.replace(",", ""))
-    requested = sorted({int(r[3].replace(",", "")) for r in rows})
-    assert len(requested) == 2 and requested[0] >= 1500 and requested[1] >= 3000
-    assert requested[1] <= transitions_of(index["shards"])
+        requested, selected = int(requested.replace(",", "")), int(selected.replace(",", ""))
+        assert requested == int(cell.split("-")[2][1:]) and selected >= requested
+        assert float(ratio) == pytest.approx(selected / requested, abs=5e-4)
+    selected = sorted({int(r[4].replace(",", "")) for r in rows})
+    assert len(selected) == 2 and selected[0] >= 1500 and selected[1] >= 3000
+    assert selected[1] <= transitions_of(index["shards"])
+    assert f"data step t1500 -> t3000: requested 2.00x, selected {selected[1] / selected[0]:.2f}x" in proc.stdout
 
 
 def test_expand_matches_models_and_nested_subsets(presets):
@@ -100,3 +104,40 @@ def test_dataset_too_small_is_caught_when_planning(presets):
     grid_file = write_grid(ws / "big.yaml", transitions="[1500, 999999]")
     with pytest.raises(ConfigError, match="999999"):
         expand(load_grid(grid_file), grid_file, ws / "out")
+
+
+def test_dry_run_refuses_a_missing_shard_folder_like_the_run(ws, tmp_path):
+    """No index.json: the dry run exits 2 with the error training gives (no silent Atari spec, no parameter count
+    of a model the data cannot build)."""
+    (tmp_path / "base.yaml").write_text((ws / "base.yaml").read_text().replace(str(ws / "shards"),
+                                                                              str(tmp_path / "nowhere")))
+    grid = write_grid(tmp_path / "missing.yaml")
+    proc = subprocess.run([sys.executable, "-m", "mambadm.grid", str(grid), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"MAMBADM_CONFIGS": str(ws / "configs")})
+    assert proc.returncode == 2 and "mambadm-" not in proc.stdout
+    assert f"{tmp_path / 'nowhere' / 'index.json'}: not found" in proc.stderr
+
+
+def test_unknown_preset_and_overrides_typo_name_their_source(presets):
+    ws = presets
+    grid_file = write_grid(ws / "preset.yaml", sizes="[t1, huge]")
+    with pytest.raises(ConfigError, match="huge"):
+        expand(load_grid(grid_file), grid_file, ws / "out")
+    grid_file = write_grid(ws / "typo.yaml", overrides="[train.stepz=3]")
+    with pytest.raises(ConfigError, match=f"{grid_file}: overrides: unknown config key 'train.stepz'"):
+        expand(load_grid(grid_file), grid_file, ws / "out")
+
+
+def test_subset_tolerance_refuses_coarse_subsets(presets):
+    """Shards of ~1,000 transitions: 1,500 requested selects 2 shards (~+33%), refused at a 10% tolerance, with the
+    numbers; 2,000 requested fits."""
+    ws = presets
+    grid_file = write_grid(ws / "coarse.yaml", transitions="[1500]", subset_tolerance="0.1")
+    with pytest.raises(ConfigError, match=r"t1500: the shards give [\d,]+ transitions for the 1,500 requested"):
+        expand(load_grid(grid_file), grid_file, ws / "out")
+    index = read_index(ws / "shards")
+    two = transitions_of(select_shards(index, load_config(ws / "base.yaml", ["data.subset_transitions=1500"]).data)[0])
+    grid_file = write_grid(ws / "fine.yaml", transitions=f"[{two}]", subset_tolerance="0.1")
+    cells = expand(load_grid(grid_file), grid_file, ws / "out")
+    assert {(c.requested, c.transitions) for c in cells} == {(two, two)}

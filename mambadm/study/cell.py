@@ -30,7 +30,10 @@ from data_pipeline.atomic import atomic_write_text
 REPO = Path(__file__).resolve().parents[2]
 RESULT_COLUMNS = ("cell", "family", "size", "seed", "params", "non_embedding_params", "transitions", "steps",
                   "tokens", "flops", "final_val_loss", "best_val_loss", "score_mean", "score_std", "normalized_mean",
-                  "normalized_std", "wall_time_s", "checkpoint")
+                  "normalized_std", "wall_time_s", "checkpoint",
+                  # what the analysis needs to tell a result from an artefact (appended: older CSVs lack them)
+                  "env_kind", "env", "episodes", "truncated_share", "data_return_max", "val_settled_step")
+SETTLED_TOLERANCE = 0.01  # validation loss within 1% of its best from some step on counts as settled there
 
 
 class CellFailed(RuntimeError):
@@ -76,11 +79,25 @@ def _run_logged(cmd: list[str], log: Path, cell: str, stage: str) -> float:
     return time.time() - start
 
 
+def settled_step(steps: list[int], losses: list[float], tolerance: float = SETTLED_TOLERANCE) -> float:
+    """The first validation step from which every later validation loss stays within `tolerance` (relative) of the
+    best one: where the loss stopped moving. nan with fewer than 3 validations (too few to tell)."""
+    if len(losses) < 3:
+        return float("nan")
+    best = min(losses)
+    step = steps[-1]
+    for s, v in zip(reversed(steps), reversed(losses)):
+        if abs(v - best) > tolerance * abs(best):
+            break
+        step = s
+    return float(step)
+
+
 def run_summary(metrics: Path) -> dict[str, float]:
     """From a run's metrics.jsonl: final and best `val_loss` after step 0 (the untrained model's validation is not a
-    result), and the `tokens_seen` / `flops` of the last row
+    result), the step where it settled (`settled_step`), and the `tokens_seen` / `flops` of the last row
     (training counts unpadded steps only, so these are at most the plan's figures); nan where absent."""
-    losses, last = [], {}
+    losses, steps, last = [], [], {}
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
@@ -91,8 +108,10 @@ def run_summary(metrics: Path) -> dict[str, float]:
             v = rec.get("val_loss")
             if rec.get("step", 0) > 0 and isinstance(v, (int, float)) and math.isfinite(v):  # step 0: untrained
                 losses.append(float(v))
+                steps.append(int(rec["step"]))
     nan = float("nan")
     return {"final_val_loss": losses[-1] if losses else nan, "best_val_loss": min(losses) if losses else nan,
+            "val_settled_step": settled_step(steps, losses),
             "tokens": float(last.get("tokens_seen") or nan), "flops": float(last.get("flops") or nan)}
 
 
@@ -101,6 +120,7 @@ def scores(results: dict[str, Any], source: Path) -> dict[str, float]:
 
     With several targets the best one by raw mean is taken (papers report one number per game). The normalised
     std is the raw std times the normaliser's scale (normalisation is affine: normalized_stderr · sqrt(episodes)).
+    `episodes` and `truncated_share` (episodes of that target cut by a step or frame cap) come with it.
     """
     targets = results.get("targets")
     if not targets:
@@ -111,8 +131,22 @@ def scores(results: dict[str, Any], source: Path) -> dict[str, float]:
     norm_std = nan
     if best.get("normalized_stderr") is not None and best.get("episodes", 0) > 0:
         norm_std = float(best["normalized_stderr"]) * math.sqrt(best["episodes"])
+    ends = [e.get("end") for e in results.get("episodes", []) if e.get("target") == best["target"]]
     return {"score_mean": float(best["mean"]), "score_std": float(best["std"]),
-            "normalized_mean": float(norm_mean) if norm_mean is not None else nan, "normalized_std": norm_std}
+            "normalized_mean": float(norm_mean) if norm_mean is not None else nan, "normalized_std": norm_std,
+            "episodes": int(best.get("episodes", len(ends))),
+            "truncated_share": sum(e == "truncated" for e in ends) / len(ends) if ends else nan}
+
+
+def dataset_facts(export: Path) -> dict[str, Any]:
+    """The environment and the dataset's best episode return, from the export's dataset.json (index.json fields)."""
+    path = export / "dataset.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    eval_env = info.get("eval_env") or {}
+    kind = str(eval_env.get("kind", ""))
+    name = str(eval_env.get("game") or eval_env.get("task") or eval_env.get("id") or info.get("env") or "")
+    best = (info.get("returns") or {}).get("max")
+    return {"env_kind": kind, "env": name, "data_return_max": float(best) if best is not None else float("nan")}
 
 
 def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, eval_cfg: dict[str, Any],
@@ -157,7 +191,8 @@ def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, ev
            "flops": trained["flops"] if math.isfinite(trained["flops"]) else cell["flops"],
            "final_val_loss": trained["final_val_loss"], "best_val_loss": trained["best_val_loss"],
            **evaluation,
-           "wall_time_s": round(train_seconds + eval_seconds, 1), "checkpoint": str(export)}
+           "wall_time_s": round(train_seconds + eval_seconds, 1), "checkpoint": str(export),
+           **dataset_facts(export), "val_settled_step": trained["val_settled_step"]}
     atomic_write_text(marker, json.dumps(row, indent=2) + "\n")
     return row
 

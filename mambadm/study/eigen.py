@@ -12,8 +12,15 @@ memory (a timescale of -1 / log|λ| tokens).
 - `data`: Δ from running the model on batches of the export's own validation shards (`data.shards` in its
   config.yaml, or `--shards`); every token of the batch gives one exp(Δ·A) per channel and state.
 
-Writes `eigen.png`, `eigen.json` (per layer and branch: shapes and statistics) and `eigen.md` into DIR (default:
-the export directory's parent).
+The baseline: A and Δ start from a fixed initialisation (A = -[1..d_state] per channel, dt log-uniform), so a
+trained spectrum is read against the one training started from. That model is rebuilt from the export's config the
+way training builds it (`torch.manual_seed(train.seed)`, then `build_model`), analysed the same way, and every layer
+and branch gets a change-from-init statistic: the median |Δ log|A|| and the share of eigenvalues whose |A| moved by
+more than MOVED (5%), the median |Δ log Δ|, and the long-memory share at initialisation beside the trained one.
+
+Writes `eigen.png` (per branch: trained vs initial histograms, and trained vs initial |A| per eigenvalue),
+`eigen.json` (per layer and branch: shapes, statistics, the initial statistics and the change) and `eigen.md` into
+DIR (default: the export directory's parent).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from mambadm.ssm.mixer import Mamba
 THRESHOLDS = (0.9, 0.99, 0.999)
 DELTA_SOURCES = {"bias": "softplus(dt_bias), one Δ per channel", "data": "every token of real validation batches"}
 MAX_PLOTTED = 200_000  # discrete eigenvalues drawn per branch (a random subset beyond this)
+MOVED = 0.05  # an eigenvalue "moved" when |A| changed by more than 5% from its initial value
 
 
 def _branch_of(name: str) -> str:
@@ -112,6 +120,18 @@ def statistics(entry: dict[str, Any], thresholds: tuple[float, ...] = THRESHOLDS
     }
 
 
+def change(trained: dict[str, Any], init: dict[str, Any], threshold: float) -> dict[str, float]:
+    """How far one mixer moved from its initialisation: |Δ log|A|| (median, max), the share of eigenvalues whose |A|
+    changed by more than MOVED, |Δ log Δ| (median), and the long-memory share at initialisation and trained."""
+    d_log_a = np.abs(np.log(-trained["continuous"]) - np.log(-init["continuous"]))
+    d_log_delta = np.abs(np.log(trained["delta"]) - np.log(init["delta"]))  # same channels (and tokens)
+    shares = [float(np.mean(np.abs(e["discrete"]) > threshold)) for e in (init, trained)]
+    return {"log_abs_A_change_median": float(np.median(d_log_a)), "log_abs_A_change_max": float(d_log_a.max()),
+            f"share_A_moved_over_{MOVED:g}": float(np.mean(np.abs(np.expm1(d_log_a)) > MOVED)),
+            "log_delta_change_median": float(np.median(d_log_delta)),
+            f"share_above_{threshold}_init": shares[0], f"share_above_{threshold}_trained": shares[1]}
+
+
 def pooled_by_branch(entries: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
     """Eigenvalues of all layers pooled per branch (discrete ones subsampled to MAX_PLOTTED for the figure)."""
     pooled: dict[str, dict[str, list]] = {}
@@ -128,22 +148,45 @@ def pooled_by_branch(entries: list[dict[str, Any]], rng: np.random.Generator) ->
     return out
 
 
-def summary_markdown(stats: list[dict], source: str, delta_source: str, threshold: float) -> str:
-    lines = [f"# Eigenvalues of the A matrices: `{source}`", "",
-             f"Δ source: **{delta_source}** ({DELTA_SOURCES[delta_source]}). "
+def initial_model(cfg: Any, spec: Any) -> nn.Module:
+    """The untrained model training started from: `torch.manual_seed(train.seed)`, then `build_model`, as the
+    trainer does (the caller's random state is left as it was)."""
+    from mambadm.model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.train.seed))
+        return build_model(cfg.model, spec).eval()
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    stats, threshold = result["layers"], result["threshold"]
+    lines = [f"# Eigenvalues of the A matrices: `{result['source']}`", "",
+             f"Δ source: **{result['delta_source']}** ({DELTA_SOURCES[result['delta_source']]}). "
              "Continuous A is diagonal (eigenvalues = entries, real, negative); "
              "the discretised transition is exp(Δ·A) in (0, 1); values near 1 keep the state for long.", "",
-             "| layer | branch | eigenvalues | A range | Δ median | median |exp(ΔA)| | > 0.99 | > 0.999 | "
-             "median timescale (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Baseline: {result['baseline']}.", "",
+             f"| layer | branch | eigenvalues | A range (init) | Δ median | median \\|exp(ΔA)\\| | > {threshold} (init) | "
+             f"median \\|Δ log\\|A\\|\\| | \\|A\\| moved > {100 * MOVED:g}% | median \\|Δ log Δ\\| | "
+             "median timescale (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in stats:
-        lines.append(f"| {s['layer']} | {s['branch']} | {s['n_eigenvalues']} | [{s['A_min']:.3g}, {s['A_max']:.3g}] | "
-                     f"{s['delta_median']:.4f} | {s['abs_discrete_median']:.4f} | {100 * s['share_above_0.99']:.1f}% | "
-                     f"{100 * s['share_above_0.999']:.1f}% | {s['timescale_median_tokens']:.1f} |")
+        i, c = s.get("init"), s.get("change")
+        a_init = f" ({i['A_min']:.3g}, {i['A_max']:.3g})" if i else ""
+        share_init = f" ({100 * i[f'share_above_{threshold}']:.1f}%)" if i else ""
+        moved = (f"{c['log_abs_A_change_median']:.2e} | {100 * c[f'share_A_moved_over_{MOVED:g}']:.1f}% | "
+                 f"{c['log_delta_change_median']:.2e}") if c else "— | — | —"
+        lines.append(f"| {s['layer']} | {s['branch']} | {s['n_eigenvalues']} | [{s['A_min']:.3g}, {s['A_max']:.3g}]"
+                     f"{a_init} | {s['delta_median']:.4f} | {s['abs_discrete_median']:.4f} | "
+                     f"{100 * s[f'share_above_{threshold}']:.1f}%{share_init} | {moved} | "
+                     f"{s['timescale_median_tokens']:.1f} |")
     by_branch: dict[str, list[dict]] = {}
     for s in stats:
         by_branch.setdefault(s["branch"], []).append(s)
     lines += ["", f"Share of |exp(Δ·A)| > {threshold} per branch (mean over layers): " + ", ".join(
         f"{b}: {100 * np.mean([s[f'share_above_{threshold}'] for s in v]):.1f}%" for b, v in by_branch.items()), ""]
+    if result.get("unchanged"):
+        lines += ["The export's A and Δ equal their initialisation: the spectrum above is the initialisation's, not "
+                  "something training learned.", ""]
     return "\n".join(lines)
 
 
@@ -169,17 +212,31 @@ def data_batches(cfg: Any, shards: str | None, n: int) -> list[dict]:
 
 
 def analyse(model: nn.Module, out: Path, source: str, batches: list[dict] | None = None,
-            threshold: float = 0.99) -> dict[str, Any]:
-    """Computes, writes eigen.{png,json,md} into `out` and returns the JSON dict."""
+            threshold: float = 0.99, baseline: nn.Module | None = None,
+            baseline_note: str = "none given") -> dict[str, Any]:
+    """Computes, writes eigen.{png,json,md} into `out` and returns the JSON dict. `baseline` (the untrained model,
+    see `initial_model`) is analysed on the same batches and compared layer by layer."""
     entries = eigenvalues(model, batches)
     stats = [statistics(e) for e in entries]
+    init = eigenvalues(baseline, batches) if baseline is not None else None
+    if init is not None:
+        if [(e["module"], e["continuous"].shape) for e in init] != [(e["module"], e["continuous"].shape)
+                                                                     for e in entries]:
+            raise ValueError(f"{source}: the baseline's Mamba mixers differ from the export's")
+        for s, e, i in zip(stats, entries, init):
+            s["init"] = statistics(i)
+            s["change"] = change(e, i, threshold)
     delta_source = "data" if batches else "bias"
     out.mkdir(parents=True, exist_ok=True)
-    eigen_figure(pooled_by_branch(entries, np.random.default_rng(0)), out / "eigen.png", threshold)
-    result = {"source": source, "delta_source": delta_source, "threshold": threshold, "layers": stats,
-              "figure": "eigen.png"}
+    rng = np.random.default_rng(0)
+    eigen_figure(pooled_by_branch(entries, rng), pooled_by_branch(init, rng) if init else None, out / "eigen.png",
+                 threshold)
+    result = {"source": source, "delta_source": delta_source, "threshold": threshold, "baseline": baseline_note,
+              "moved_threshold": MOVED, "layers": stats, "figure": "eigen.png",
+              "unchanged": bool(init) and all(s["change"]["log_abs_A_change_max"] == 0
+                                              and s["change"]["log_delta_change_median"] == 0 for s in stats)}
     atomic_write_text(out / "eigen.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out / "eigen.md", summary_markdown(stats, source, delta_source, threshold))
+    atomic_write_text(out / "eigen.md", summary_markdown(result))
     return result
 
 
@@ -198,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg, spec, _ = load_export(args.export)
         batches = data_batches(cfg, args.shards, args.batches) if args.delta == "data" else None
-        result = analyse(model, args.out or args.export.resolve().parent, str(args.export), batches, args.threshold)
+        note = (f"the initialisation rebuilt from the export's config as training builds it "
+                f"(torch.manual_seed(train.seed={int(cfg.train.seed)}), then build_model)")
+        result = analyse(model, args.out or args.export.resolve().parent, str(args.export), batches, args.threshold,
+                         initial_model(cfg, spec), note)
     except (FileNotFoundError, ValueError) as e:
         print(f"eigen: {e}", file=sys.stderr)
         return 2
-    print(summary_markdown(result["layers"], result["source"], result["delta_source"], args.threshold))
+    print(summary_markdown(result))
     return 0 if all(math.isfinite(s["abs_discrete_mean"]) for s in result["layers"]) else 1
 
 

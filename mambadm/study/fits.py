@@ -2,10 +2,14 @@
 
 Both fits take plain arrays (one entry per grid cell) so they serve scores, losses, synthetic checks alike.
 
+Degrees of freedom: a power law has 2 parameters, so n points leave n - 2. With 0 (two points) the line passes
+through both exactly: no R² and no interval are reported (`ci_method` "exact"), as a fit that cannot miss says
+nothing about how well the law holds.
+
 Bootstrap (the paper gives none; this is our choice, written down in docs/scaling.md):
-- power law: points are resampled *within* each distinct x (seeds of one cell size are exchangeable); when every
-  x has a single point that resampling is degenerate, so the fit's residuals (rescaled by sqrt(n / (n - 2))) are
-  resampled instead;
+- power law: points are resampled *within* each distinct x (seeds of one cell size are exchangeable, `ci_method`
+  "seeds"); when every x has a single point that resampling is degenerate, so the fit's residuals (rescaled by
+  sqrt(n / (n - 2))) are resampled instead (`ci_method` "residuals", needs >= 1 degree of freedom);
 - joint law: cells are resampled with replacement (a joint fit needs >= 9 cells, enough for a case bootstrap);
   each resample starts from the full fit (the full fit itself is the best of a small grid of starts).
 Confidence intervals are percentile intervals over the bootstrap fits.
@@ -30,12 +34,18 @@ class PowerLawFit:
 
     coef: float
     exponent: float
-    exponent_ci: tuple[float, float]
-    coef_ci: tuple[float, float]
-    r2: float  # in log space
+    exponent_ci: tuple[float, float] | None  # None for an exact fit (0 degrees of freedom)
+    coef_ci: tuple[float, float] | None
+    r2: float | None  # in log space; None for an exact fit
     n_points: int
     n_dropped: int = 0  # points with y <= 0 that log space cannot hold
     confidence: float = 0.95
+    dof: int = 0  # degrees of freedom: points - 2 parameters
+    ci_method: str = "exact"  # exact (no interval) | seeds (within-x resampling) | residuals (residual bootstrap)
+
+    @property
+    def exact(self) -> bool:
+        return self.dof == 0
 
     def predict(self, x: np.ndarray | float) -> np.ndarray:
         return self.coef * np.asarray(x, dtype=float) ** self.exponent
@@ -99,6 +109,10 @@ def fit_power_law(x, y, n_boot: int = 1000, confidence: float = 0.95, seed: int 
         raise FitError(f"need at least 2 distinct x with y > 0, have {np.unique(x).size} ({n_dropped} dropped)")
     lx, ly = np.log(x), np.log(y)
     b0, b1 = _ols_loglog(lx, ly)
+    dof = len(ly) - 2
+    if dof == 0:
+        return PowerLawFit(coef=math.exp(b0), exponent=b1, exponent_ci=None, coef_ci=None, r2=None, n_points=2,
+                           n_dropped=n_dropped, confidence=confidence, dof=0, ci_method="exact")
     fitted = b0 + b1 * lx
     ss_res, ss_tot = float(((ly - fitted) ** 2).sum()), float(((ly - ly.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
@@ -106,7 +120,7 @@ def fit_power_law(x, y, n_boot: int = 1000, confidence: float = 0.95, seed: int 
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(lx == v) for v in np.unique(lx)]
     stratified = any(g.size > 1 for g in groups)
-    residuals = (ly - fitted) * math.sqrt(len(ly) / max(1, len(ly) - 2))
+    residuals = (ly - fitted) * math.sqrt(len(ly) / dof)
     boot = np.empty((n_boot, 2))
     for i in range(n_boot):
         if stratified:
@@ -117,7 +131,8 @@ def fit_power_law(x, y, n_boot: int = 1000, confidence: float = 0.95, seed: int 
     return PowerLawFit(
         coef=math.exp(b0), exponent=b1, exponent_ci=_percentile_ci(boot[:, 1], confidence),
         coef_ci=tuple(math.exp(v) for v in _percentile_ci(boot[:, 0], confidence)), r2=r2,
-        n_points=int(len(y)), n_dropped=n_dropped, confidence=confidence,
+        n_points=int(len(y)), n_dropped=n_dropped, confidence=confidence, dof=dof,
+        ci_method="seeds" if stratified else "residuals",
     )
 
 

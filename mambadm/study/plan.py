@@ -70,6 +70,7 @@ class GridConfig:
     resources: GridResources = field(default_factory=GridResources)
     launcher: str = "accelerate"  # accelerate (accelerate launch) | python (python -m, one process)
     flops_per_second: float = 0.0  # dry-run time estimate: FLOP rate constant; 0 = measure a training step here
+    subset_tolerance: float = 0.0  # max relative excess of a selected subset over its request (0 = no limit)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Cell:
     seed: int
     data_label: str
     data_override: str
-    transitions: int  # owned transitions of the training subset (from index.json; the request if no shards yet)
+    transitions: int  # owned transitions of the training subset, as selected from index.json
+    requested: int  # the transitions asked for (a fraction's share of the training shards, rounded up)
     steps: int
     batch_size: int
     global_batch: int
@@ -151,11 +153,14 @@ def base_path(grid: Any, grid_file: Path) -> Path:
 
 
 def env_spec(shards: str) -> EnvSpec:
-    """The dataset's EnvSpec from its index.json (the defaults, an Atari spec, when the shards are not there yet)."""
-    path = Path(shards) / "index.json"
-    if not path.is_file():
-        return EnvSpec()
-    return EnvSpec.from_dict(json.loads(path.read_text()).get("env_spec"), f"{path}: env_spec")
+    """The dataset's EnvSpec from its index.json; the error training would give when the shards are not there."""
+    from mambadm.data import DataError, read_index
+
+    try:
+        index = read_index(shards)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    return EnvSpec.from_dict(index["env_spec"], f"{Path(shards) / 'index.json'}: env_spec")
 
 
 def synthetic_batch(spec: EnvSpec, batch: int, k: int) -> dict[str, torch.Tensor]:
@@ -188,17 +193,39 @@ def measure_seconds_per_token(model: torch.nn.Module, spec: EnvSpec, k: int, bat
     return min(times) / (batch * k * TOKENS_PER_STEP)
 
 
-def subset_transitions(cfg: Any) -> int:
-    """Owned transitions of the training subset the run will use (0 when the shards are not there yet)."""
+def subset_transitions(cfg: Any) -> tuple[int, int]:
+    """(selected, requested): owned transitions of the training subset the run will use, and those it asked for
+    (`data.subset_fraction` as its share of the training shards, rounded up). Errors are the ones training gives."""
     from mambadm.data import DataError, read_index, select_shards, transitions_of
 
     try:
         index = read_index(cfg.data.shards)
-        return transitions_of(select_shards(index, cfg.data)[0])
+        selected = transitions_of(select_shards(index, cfg.data)[0])
+        if cfg.data.subset_transitions > 0:
+            return selected, int(cfg.data.subset_transitions)
+        whole = cfg.data.copy()
+        whole.subset_fraction = 1.0
+        return selected, math.ceil(cfg.data.subset_fraction * transitions_of(select_shards(index, whole)[0]))
     except DataError as e:
-        if not (Path(cfg.data.shards) / "index.json").is_file():
-            return 0
         raise ConfigError(str(e)) from None
+
+
+def check_subset(grid: Any, grid_file: Path, label: str, selected: int, requested: int) -> None:
+    """Refuses a subset that overshoots its request by more than `subset_tolerance` (shards are coarse)."""
+    excess = selected / requested - 1
+    if grid.subset_tolerance and excess > grid.subset_tolerance:
+        raise ConfigError(f"{grid_file}: dataset size {label}: the shards give {selected:,} transitions for the "
+                          f"{requested:,} requested (+{100 * excess:.1f}%, subset_tolerance is "
+                          f"{100 * grid.subset_tolerance:g}%); request whole shards' worth or reshard with a "
+                          f"--shard-transitions that divides the requests (docs/scaling.md, 'Exact data steps')")
+
+
+def check_overrides(grid: Any, grid_file: Path, base: Path) -> None:
+    """The grid's `overrides` against the training config, so that a typo names the grid file and the key."""
+    try:
+        load_config(base, list(grid.overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{grid_file}: overrides: {str(e).removeprefix('command line: ')}") from None
 
 
 def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list[Cell]:
@@ -206,6 +233,7 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
     from mambadm.model import build_model  # the model box is only needed to count parameters and FLOPs
 
     base = base_path(grid, grid_file)
+    check_overrides(grid, grid_file, base)
     data_axis = ([(f"t{t}", f"data.subset_transitions={t}", t, None) for t in grid.transitions] if grid.transitions
                  else [(f"f{f:g}", f"data.subset_fraction={f}", None, f) for f in grid.fractions])
     models: dict[tuple[str, str], tuple[int, int, float, float]] = {}
@@ -235,12 +263,11 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
             if budget is None:
                 budget = grid.flops_budget or fpt * tokens_per_step * grid.steps
             for (label, data_override, requested, _), (c_label, c_budget) in product(data_axis, budget_axis(grid)):
-                transitions = subset_transitions(load_config(base, [*common, data_override])) or requested or 0
+                transitions, requested = subset_transitions(load_config(base, [*common, data_override]))
+                check_subset(grid, grid_file, label, transitions, requested)
                 if grid.step_rule == "equal_steps":
                     steps = int(grid.steps)
                 elif grid.step_rule == "equal_epochs":
-                    if not transitions:
-                        raise ConfigError(f"equal_epochs with fractions needs {cfg.data.shards}/index.json")
                     steps = max(1, math.ceil(grid.epochs * transitions / global_batch))
                 else:
                     steps = budget_steps(c_budget if c_label else budget, fpt, tokens_per_step)
@@ -257,7 +284,8 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
                     overrides = [*common, data_override, f"train.steps={steps}", f"train.seed={seed}",
                                  f"train.run_dir={out / 'cells' / key / 'run'}"]
                     cells.append(Cell(key=key, family=family, size=size, seed=int(seed), data_label=label,
-                                      data_override=data_override, transitions=int(transitions), steps=steps,
+                                      data_override=data_override, transitions=int(transitions),
+                                      requested=int(requested), steps=steps,
                                       batch_size=int(cfg.data.batch_size), global_batch=global_batch, context_len=k,
                                       tokens=tokens, params=params, non_embedding_params=non_emb, flops_per_token=fpt,
                                       flops=flops, est_seconds=est, est_source=src, overrides=overrides))
@@ -265,19 +293,28 @@ def expand(grid: Any, grid_file: Path, out: Path, measure: bool = False) -> list
 
 
 def format_table(cells: list[Cell]) -> str:
-    """The dry-run table: one line per cell and a total."""
-    head = (f"{'cell':<28} {'params':>11} {'non-emb':>11} {'transitions':>11} {'steps':>7} {'batch':>5} "
-            f"{'tokens':>12} {'FLOPs':>10} {'est. time':>10}")
+    """The dry-run table: one line per cell (the subset selected from the shards and its ratio to the request),
+    a total, and the data steps as requested vs as selected."""
+    head = (f"{'cell':<28} {'params':>11} {'non-emb':>11} {'requested':>10} {'selected':>10} {'ratio':>6} "
+            f"{'steps':>7} {'batch':>5} {'tokens':>12} {'FLOPs':>10} {'est. time':>10}")
     lines = [head, "-" * len(head)]
     for c in cells:
-        lines.append(f"{c.key:<28} {c.params:>11,} {c.non_embedding_params:>11,} {c.transitions:>11,} {c.steps:>7,} "
+        lines.append(f"{c.key:<28} {c.params:>11,} {c.non_embedding_params:>11,} {c.requested:>10,} "
+                     f"{c.transitions:>10,} {c.transitions / c.requested:>6.3f} {c.steps:>7,} "
                      f"{c.global_batch:>5} {c.tokens:>12,} {c.flops:>10.3e} {_duration(c.est_seconds):>10}")
     total_s = sum(c.est_seconds for c in cells)
     lines += ["-" * len(head),
               f"{len(cells)} cells, {sum(c.tokens for c in cells):,} tokens, {sum(c.flops for c in cells):.3e} FLOPs, "
               f"estimated training time {_duration(total_s)} run one after another "
               f"({cells[0].est_source if cells else ''})"]
-    return "\n".join(lines)
+    return "\n".join(lines + data_steps(cells))
+
+
+def data_steps(cells: list[Cell]) -> list[str]:
+    """One line per step between neighbouring dataset sizes: the requested and the selected ratio."""
+    sizes = sorted({(c.requested, c.transitions, c.data_label) for c in cells})
+    return [f"data step {a[2]} -> {b[2]}: requested {b[0] / a[0]:.2f}x, selected {b[1] / a[1]:.2f}x "
+            f"({a[1]:,} -> {b[1]:,} transitions)" for a, b in zip(sizes, sizes[1:])]
 
 
 def _duration(s: float) -> str:

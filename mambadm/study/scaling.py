@@ -4,7 +4,8 @@
 
 Writes into DIR (default: the CSV's folder): `scaling.png` (score and validation loss vs parameters and vs
 transitions, both families, like the paper's Figure 2), `scaling.json` (every fit with its bootstrap CI) and
-`scaling.md` (the fits as tables and the check of the paper's claim that 2x data helps more than a bigger model).
+`scaling.md` (warnings, the fits as tables and the check of the paper's claim that 2x data helps more than a
+bigger model, with the interval its verdict follows from).
 
 Model size is the non-embedding parameter count when the CSV has it (Kaplan et al.'s convention), else all
 parameters; dataset size is the training subset's transitions (owned window starts).
@@ -23,32 +24,41 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.atomic import atomic_write_text
+from mambadm.study.caveats import caveats
+from mambadm.study.claim import claim_check, claim_markdown, domain_words
 from mambadm.study.fits import FitError, fit_joint, fit_power_law
 from mambadm.study.plots import scaling_figure
 
 NUMERIC = ("params", "non_embedding_params", "transitions", "steps", "tokens", "flops", "final_val_loss",
-           "best_val_loss", "score_mean", "score_std", "normalized_mean", "normalized_std", "wall_time_s", "seed")
+           "best_val_loss", "score_mean", "score_std", "normalized_mean", "normalized_std", "wall_time_s", "seed",
+           "episodes", "truncated_share", "data_return_max", "val_settled_step")
 REQUIRED = ("family", "size", "params", "transitions")
-PAPER_DATA_GAIN = 0.337  # "2x data improves Atari scores by up to 33.7%" (Cao et al. 2024)
 
 
 @dataclass
 class Point:
-    """Cells of one (family, model size, dataset size), seeds pooled."""
+    """Cells of one (family, model size, dataset size), seeds pooled; `sems` is each seed's standard error over
+    its evaluation episodes (nan where unknown, e.g. for losses)."""
 
     family: str
     size: str
     n: float
     d: float
     values: list[float]
+    sems: list[float]
 
     @property
     def mean(self) -> float:
         return float(np.mean(self.values)) if self.values else float("nan")
 
     @property
-    def spread(self) -> float:
-        return float(np.std(self.values)) if len(self.values) > 1 else 0.0
+    def error(self) -> tuple[float, str]:
+        """(error bar, its source): std over seeds; with one seed the episodes' standard error; else none."""
+        if len(self.values) > 1:
+            return float(np.std(self.values)), "seeds"
+        if self.sems and math.isfinite(self.sems[0]):
+            return self.sems[0], "episodes"
+        return 0.0, "none"
 
 
 def read_results(path: Path) -> list[dict]:
@@ -81,14 +91,23 @@ def model_size_column(rows: list[dict]) -> str:
     return "non_embedding_params" if ok else "params"
 
 
+def episode_sem(row: dict, metric: str) -> float:
+    """Standard error of a score over the cell's evaluation episodes (`<x>_std` / sqrt(episodes)); nan if unknown."""
+    std, episodes = row.get(metric.replace("_mean", "_std"), float("nan")), row.get("episodes", float("nan"))
+    if not metric.endswith("_mean") or not isinstance(std, float) or not math.isfinite(episodes) or episodes < 2:
+        return float("nan")
+    return std / math.sqrt(episodes)
+
+
 def group_points(rows: list[dict], metric: str, n_col: str) -> list[Point]:
     cells: dict[tuple, Point] = {}
     for r in rows:
         key = (r["family"], r["size"], r[n_col], r["transitions"])
-        p = cells.setdefault(key, Point(r["family"], r["size"], r[n_col], r["transitions"], []))
+        p = cells.setdefault(key, Point(r["family"], r["size"], r[n_col], r["transitions"], [], []))
         v = r.get(metric, float("nan"))
         if math.isfinite(v):
             p.values.append(v)
+            p.sems.append(episode_sem(r, metric))
     return sorted(cells.values(), key=lambda p: (p.family, p.n, p.d))
 
 
@@ -97,8 +116,8 @@ def _fit_entry(x: list[float], y: list[float], n_boot: int) -> dict:
         fit = fit_power_law(x, y, n_boot=n_boot)
     except FitError as e:
         return {"error": str(e)}
-    return fit.to_dict() | {"gain_2x": fit.gain(2.0),
-                            "gain_2x_ci": [2.0 ** fit.exponent_ci[0] - 1, 2.0 ** fit.exponent_ci[1] - 1]}
+    ci = fit.exponent_ci
+    return fit.to_dict() | {"gain_2x": fit.gain(2.0), "gain_2x_ci": [2.0 ** ci[0] - 1, 2.0 ** ci[1] - 1] if ci else None}
 
 
 def _along(points: list[Point], axis: str) -> tuple[str, list[tuple[tuple, list[Point]]]]:
@@ -121,38 +140,6 @@ def power_law_fits(points: list[Point], axis: str, n_boot: int) -> list[dict]:
     return fits
 
 
-def relative_gains(points: list[Point], axis: str) -> list[dict]:
-    """Relative change of the seed-mean metric between neighbouring sizes along `axis`, the other axis fixed."""
-    other, lines = _along(points, axis)
-    out = []
-    for (family, fixed), pts in lines:
-        pts = sorted(pts, key=lambda p: getattr(p, axis))
-        for a, b in zip(pts, pts[1:]):
-            if not (math.isfinite(a.mean) and math.isfinite(b.mean)) or a.mean == 0:
-                continue
-            out.append({"family": family, f"fixed_{other}": fixed, "from": getattr(a, axis), "to": getattr(b, axis),
-                        "from_size": a.size, "to_size": b.size, "ratio": getattr(b, axis) / getattr(a, axis),
-                        "gain": (b.mean - a.mean) / abs(a.mean)})
-    return out
-
-
-def claim_check(points: list[Point]) -> dict:
-    """The paper's claim, measured: gains from 2x data vs gains from the next bigger model, per family."""
-    data, model = relative_gains(points, "d"), relative_gains(points, "n")
-    summary = {}
-    for family in sorted({p.family for p in points}):
-        dg = [g["gain"] for g in data if g["family"] == family]
-        mg = [g["gain"] for g in model if g["family"] == family]
-        entry = {
-            "data_gain_mean": float(np.mean(dg)) if dg else None, "data_gain_max": float(max(dg)) if dg else None,
-            "model_gain_mean": float(np.mean(mg)) if mg else None, "model_gain_max": float(max(mg)) if mg else None,
-        }
-        if dg and mg:
-            entry["data_beats_model"] = bool(np.mean(dg) > np.mean(mg))
-        summary[family] = entry
-    return {"data_steps": data, "model_steps": model, "per_family": summary, "paper_data_gain_max": PAPER_DATA_GAIN}
-
-
 def joint_fits(rows: list[dict], n_col: str, n_boot: int) -> dict:
     out = {}
     for family in sorted({r["family"] for r in rows}):
@@ -170,17 +157,26 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.1f}%"
 
 
+def _interval(f: dict) -> tuple[str, str]:
+    """(exponent interval, R²) cells of a fit table: an exact fit has neither."""
+    if f["ci_method"] == "exact":
+        return "exact (0 degrees of freedom)", "—"
+    lo, hi = f["exponent_ci"]
+    return f"[{lo:+.3f}, {hi:+.3f}] ({f['ci_method']}, {f['dof']} dof)", f"{f['r2']:.2f}"
+
+
 def _fit_table(fits: list[dict], what: str) -> list[str]:
     other = "transitions" if fits and "fixed_d" in fits[0] else "model size"
-    lines = [f"| family | {other} | exponent | 95% CI | gain at 2x | R² (log) | points |", "|---" * 7 + "|"]
+    lines = [f"| family | {other} | exponent | 95% CI (from, degrees of freedom) | gain at 2x | R² (log) | points |",
+             "|---" * 7 + "|"]
     for f in fits:
         fixed = f.get("fixed_d", f.get("fixed_n"))
         if "error" in f:
             lines.append(f"| {f['family']} | {fixed:,.0f} | — | {f['error']} | | | |")
             continue
-        lo, hi = f["exponent_ci"]
-        lines.append(f"| {f['family']} | {fixed:,.0f} | {f['exponent']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-                     f"{_pct(f['gain_2x'])} | {f['r2']:.2f} | {f['n_points']} (+{f['n_dropped']} ≤ 0 dropped) |")
+        interval, r2 = _interval(f)
+        lines.append(f"| {f['family']} | {fixed:,.0f} | {f['exponent']:+.3f} | {interval} | "
+                     f"{_pct(f['gain_2x'])} | {r2} | {f['n_points']} (+{f['n_dropped']} ≤ 0 dropped) |")
     return [f"### {what}", ""] + lines + [""]
 
 
@@ -188,28 +184,13 @@ def summary_markdown(result: dict) -> str:
     m, n_col = result["metric"], result["model_size_column"]
     lines = [f"# Scaling analysis of `{result['source']}`", "",
              f"Metric: `{m}` (seed means where seeds repeat); model size: `{n_col}`; dataset size: `transitions`. "
-             f"{result['n_rows']} rows, families {', '.join(result['families'])}.", "",
-             "## The paper's claim: 2× data vs a bigger model", "",
-             f"Cao et al. (2024) report that 2× data improves Atari scores by up to {100 * PAPER_DATA_GAIN:.1f}% "
-             "while larger models do not help. Measured on this grid (relative change of the seed-mean metric "
-             "between neighbouring grid sizes, the other axis fixed):", "",
-             "| family | data step: mean | data step: max | bigger model: mean | bigger model: max | verdict |",
-             "|---|---|---|---|---|---|"]
-    for fam, e in result["claim"]["per_family"].items():
-        if "data_beats_model" not in e:
-            verdict = "grid too small"
-        elif e["data_beats_model"] and (e["model_gain_mean"] or 0) <= 0.05:
-            verdict = "agrees: more data helps more, bigger models ~no gain"
-        elif e["data_beats_model"]:
-            verdict = "partly: more data helps more, but bigger models help too"
-        else:
-            verdict = "disagrees: a bigger model helps at least as much as more data"
-        lines.append(f"| {fam} | {_pct(e['data_gain_mean'])} | {_pct(e['data_gain_max'])} | "
-                     f"{_pct(e['model_gain_mean'])} | {_pct(e['model_gain_max'])} | {verdict} |")
-    ratios = sorted({round(g["ratio"], 2) for g in result["claim"]["data_steps"]})
-    lines += ["", f"Data steps in this grid multiply transitions by {ratios} (2× in the paper). "
-              "Power-law gains per doubling, with bootstrap CIs, are in the tables below.", "",
-              "## Power-law fits (log space)", ""]
+             f"{result['n_rows']} rows, families {', '.join(result['families'])}, seeds per grid point: "
+             f"{result['seeds_per_point']}.", ""]
+    if result["warnings"]:
+        lines += ["## Warnings", "", *[f"- {w}" for w in result["warnings"]], ""]
+    lines += claim_markdown(result["claim"], result["domain"])
+    lines += ["Power-law gains per doubling are in the tables below; a fit through as many points as it has "
+              "parameters is exact and has neither R² nor interval.", "", "## Power-law fits (log space)", ""]
     lines += _fit_table(result["fits"]["metric_vs_n"], f"`{m}` vs model size")
     lines += _fit_table(result["fits"]["metric_vs_d"], f"`{m}` vs dataset size")
     lines += _fit_table(result["fits"]["loss_vs_n"], "best validation loss vs model size")
@@ -224,8 +205,24 @@ def summary_markdown(result: dict) -> str:
                          f"[{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}], B = {j['B']:.4g}, β = {j['beta']:.3f} "
                          f"[{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}], RMSE(log L) = {j['rmse_log']:.4f}, "
                          f"{j['n_points']} cells")
-    lines += ["", f"Figure: `{result['figure']}`.", ""]
+    lines += ["", f"Figure: `{result['figure']}` ({result['error_bars']}).", ""]
     return "\n".join(lines)
+
+
+def one_seed_note(seeds: list[int]) -> list[str]:
+    if seeds and max(seeds) == 1:
+        return ["One seed per grid point: intervals and error bars come from the evaluation episodes of one "
+                "training run only; seed-to-seed variation is not measured."]
+    return []
+
+
+def error_bars(points: list[Point]) -> str:
+    """The figure caption's words for the error bars of the score panels."""
+    sources = {p.error[1] for p in points if p.values}
+    words = {"seeds": "std over seeds", "episodes": "standard error over the evaluation episodes (one seed)",
+             "none": "none (one seed, no episode spread)"}
+    return "score error bars: " + "; ".join(words[s] for s in sorted(sources)) + "; loss: std over seeds where "\
+        "there are several, else none"
 
 
 def analyse(csv_path: Path, out: Path, metric: str = "score_mean", n_boot: int = 1000) -> dict:
@@ -238,18 +235,22 @@ def analyse(csv_path: Path, out: Path, metric: str = "score_mean", n_boot: int =
     loss_pts = group_points(rows, "best_val_loss", n_col)
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "scaling.png"
+    envs = sorted({(r.get("env_kind") or "", r.get("env") or "") for r in rows})
+    seeds = sorted({len(p.values) for p in score_pts if p.values})
     result = {
         "source": str(csv_path), "metric": metric, "model_size_column": n_col, "n_rows": len(rows),
         "families": sorted({r["family"] for r in rows}), "figure": figure.name,
+        "domain": "; ".join(domain_words(*e) for e in envs), "seeds_per_point": seeds,
+        "warnings": caveats(rows) + one_seed_note(seeds), "error_bars": error_bars(score_pts),
         "fits": {
             "metric_vs_n": power_law_fits(score_pts, "n", n_boot),
             "metric_vs_d": power_law_fits(score_pts, "d", n_boot),
             "loss_vs_n": power_law_fits(loss_pts, "n", n_boot), "loss_vs_d": power_law_fits(loss_pts, "d", n_boot),
             "joint": joint_fits(rows, n_col, max(20, n_boot // 5)),
         },
-        "claim": claim_check(score_pts),
+        "claim": claim_check(score_pts, n_draws=max(200, n_boot)),
     }
-    scaling_figure(score_pts, loss_pts, result["fits"], metric, n_col, figure)
+    scaling_figure(score_pts, loss_pts, result["fits"], metric, n_col, figure, result["error_bars"])
     atomic_write_text(out / "scaling.json", json.dumps(result, indent=2, default=float) + "\n")
     atomic_write_text(out / "scaling.md", summary_markdown(result))
     return result
