@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--window", action="store_true", help="also time MambaDM mode='window'")
     parser.add_argument("--python-step", action="store_true",
-                        help="also time MambaDM's recurrent step through the readable GLoMaBlock.step (no C++ stack step)")
+                        help="also time MambaDM's recurrent step through the readable GLoMaBlock.step (no C++ "
+                             "stack step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

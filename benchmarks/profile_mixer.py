@@ -52,7 +52,7 @@ def profile_block(length: int, d_model: int, backend: str, repeats: int) -> dict
     x = torch.randn(16, length, d_model, requires_grad=True)
     gy = torch.randn(16, length, d_model)
     with torch.no_grad():
-        u, z, dt, B, C = (t.transpose(1, 2) for t in m._ssm_inputs(x, backend))  # selective_scan's layout
+        u, z, dt, B, C = (t.transpose(1, 2) for t in m._ssm_inputs(x, m.kernels))  # selective_scan's layout
     args = [t.detach().clone().requires_grad_()
             for t in (u, dt, m.A_continuous(), B, C, m.D, z, m.dt_proj.bias, m.dt_proj.weight)]
     gs = torch.randn(u.shape)

@@ -76,7 +76,8 @@ def test_forward_equals_successive_steps(backend):
         ys = torch.stack([m.step(x[:, t], cache) for t in range(x.shape[1])], dim=1)
     assert y.shape == ys.shape == (3, 21, 24)
     assert (y - ys).abs().max() < 1e-5
-    assert isinstance(cache, MambaCache) and cache.conv_state.shape == (3, 48, 4) and cache.ssm_state.shape == (3, 48, 8)
+    assert isinstance(cache, MambaCache)
+    assert cache.conv_state.shape == (3, 48, 4) and cache.ssm_state.shape == (3, 48, 8)
     cache.reset(torch.tensor([0, 2]))
     assert cache.ssm_state[[0, 2]].abs().sum() == 0 and cache.ssm_state[1].abs().sum() > 0
 

@@ -200,7 +200,8 @@ class Mamba(nn.Module):
     def allocate_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> MambaCache:
-        """Zero state for `step()`: conv_state in `dtype` (default: the weights'), ssm_state in float32 (float64 if asked)."""
+        """Zero state for `step()`: conv_state in `dtype` (default: the weights'), ssm_state in float32 (float64 if
+        asked)."""
         weight = self.conv1d.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
