@@ -1,9 +1,12 @@
 """Ray rollout actors and the scheduler that hands episode groups out to them.
 
-Each ``RolloutActor`` owns ``envs_per_actor`` envs and one policy rebuilt from a payload that the driver stored once
-with ``ray.put``; Ray restarts a dead actor (``max_restarts``) and re-runs its interrupted call (``max_task_retries``)
-with the same payload. ``run_groups`` hands groups out dynamically with ``ray.wait``; if a group still fails (retries
-spent, actor gone), it replaces the actor and queues the group again, so every episode is returned exactly once.
+Each ``RolloutActor`` owns a batch of ``envs_per_actor`` envs (evaluation/batch.py, ``eval.env_backend``) and one
+policy rebuilt from a payload that the driver stored once with ``ray.put``. The payload's reference travels with
+every ``run`` call, never in the constructor's arguments: an actor fetches and builds the policy on its first call,
+and an actor that Ray restarts (``max_restarts``) does the same on the call it re-runs (``max_task_retries``), so a
+restart never depends on constructor arguments kept in the object store. ``run_groups`` hands groups out
+dynamically with ``ray.wait``; if a group still fails (retries spent, actor gone), it replaces the actor and queues
+the group again, so every episode is returned exactly once.
 """
 from __future__ import annotations
 
@@ -36,28 +39,42 @@ class KillOnce:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RolloutWorker:
-    """Owns envs and a policy copy; runs one group of episodes per call. Wrapped by ``ray.remote`` below."""
+def actor_setting(payload: dict) -> dict:
+    """What an actor needs to build its envs: the payload without its weights (a few kB, passed inline)."""
+    return {k: v for k, v in payload.items() if k != "state_dict"}
 
-    def __init__(self, payload: dict, eval_cfg: dict, n_envs: int, mode: str, sample: bool, render: bool = False,
+
+class RolloutWorker:
+    """Owns a batch of envs and a policy copy; runs one group of episodes per call. Wrapped by ``ray.remote`` below.
+
+    ``setting`` is ``actor_setting(payload)``; the policy is built from the payload itself on the first ``run``."""
+
+    def __init__(self, setting: dict, eval_cfg: dict, n_envs: int, mode: str, sample: bool, render: bool = False,
                  fault_hook: Optional[Callable[[int], None]] = None, threads: int = 1):
         import torch
         from omegaconf import OmegaConf
 
-        from evaluation.envs import headless_gl, make_env
-        from evaluation.policy import build_policy
+        from evaluation.batch import make_batch
+        from evaluation.envs import headless_gl
         from mambadm.config import EvalConfig
 
         torch.set_num_threads(threads)
         if render:
             headless_gl()
-        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), eval_cfg)
-        info = payload["dataset_info"]
-        frame_stack = int(payload.get("spec", {}).get("obs_shape", [4])[0]) if info["eval_env"]["kind"] == "atari" else 1
-        self.envs = [make_env(info["eval_env"], cfg, info, frame_stack=frame_stack, render=render)
-                     for _ in range(n_envs)]
-        self.policy = build_policy(payload, self.envs[0].action_space, mode=mode, sample=sample, device=cfg.device)
+        self.cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), eval_cfg)
+        info = setting["dataset_info"]
+        atari = info["eval_env"]["kind"] == "atari"
+        frame_stack = int(setting.get("spec", {}).get("obs_shape", [4])[0]) if atari else 1
+        self.envs = make_batch(info["eval_env"], self.cfg, info, n_envs, frame_stack=frame_stack, render=render)
+        self.mode, self.sample = mode, sample
+        self.policy = None  # built from the payload on the first run (after a restart too)
         self.fault_hook = fault_hook
+
+    def load(self, payload: dict) -> None:
+        from evaluation.policy import build_policy
+
+        self.policy = build_policy(payload, self.envs.action_space, mode=self.mode, sample=self.sample,
+                                   device=self.cfg.device)
 
     def where(self) -> dict:
         """This worker's pid, node and the node's custom resources (how a cluster's nodes are told apart)."""
@@ -70,7 +87,12 @@ class RolloutWorker:
                            "node_resources": custom}
         return self._where
 
-    def run(self, tasks: list[EpisodeTask]) -> list[dict]:
+    def run(self, tasks: list[EpisodeTask], payload_box: list) -> list[dict]:
+        """``payload_box``: ``[payload_ref]`` (nested, so Ray hands the reference over unresolved and the payload is
+        fetched once per actor process), or ``[payload]`` in-process."""
+        if self.policy is None:
+            payload = payload_box[0]
+            self.load(ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload)
         results = run_group(self.envs, self.policy, tasks, self.fault_hook)
         place = self.where()
         return [r | place for r in results]
@@ -80,12 +102,14 @@ RolloutActor = ray.remote(RolloutWorker)
 
 
 class ActorFleet:
-    """Creates, tracks and replaces rollout actors; ``payload_ref`` is the one object-store copy of the policy."""
+    """Creates, tracks and replaces rollout actors. ``payload`` is stored once (``ray.put``); its reference goes
+    with every group handed out (``payload_box``), the actors' constructors get only ``actor_setting(payload)``."""
 
-    def __init__(self, payload_ref: ray.ObjectRef, eval_cfg: dict, n_actors: int, envs_per_actor: int, mode: str,
+    def __init__(self, payload: dict, eval_cfg: dict, n_actors: int, envs_per_actor: int, mode: str,
                  sample: bool, render: bool = False, max_restarts: int = 2, max_task_retries: int = 2,
                  num_cpus: float = 1, resources: Optional[dict] = None, fault_hook: Optional[Any] = None):
-        self.args = (payload_ref, eval_cfg, envs_per_actor, mode, sample, render, fault_hook)
+        self.payload_box = [ray.put(payload)]  # the only copy of the weights, for every actor and restart
+        self.args = (actor_setting(payload), eval_cfg, envs_per_actor, mode, sample, render, fault_hook)
         self.options = {"max_restarts": max_restarts, "max_task_retries": max_task_retries, "num_cpus": num_cpus}
         if resources:
             self.options["resources"] = dict(resources)
@@ -124,7 +148,7 @@ def run_groups(fleet: ActorFleet, groups: list[list[EpisodeTask]], on_done: Opti
     while queue or running:
         while queue and idle:
             actor, g = idle.pop(), queue.pop(0)
-            running[actor.run.remote(groups[g])] = (actor, g)
+            running[actor.run.remote(groups[g], fleet.payload_box)] = (actor, g)
         ready, _ = ray.wait(list(running), num_returns=1)
         actor, g = running.pop(ready[0])
         try:

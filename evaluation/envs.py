@@ -128,8 +128,14 @@ def make_env(eval_env: dict, cfg: Any, dataset_info: Optional[dict] = None, fram
 
 
 def protocol(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
-    """The protocol choices that shaped an evaluation, for results.json."""
-    common = {"env": dict(eval_env)}
+    """The protocol choices that shaped an evaluation, for results.json: the backend that ran it and, for EnvPool,
+    the options the protocol was mapped to."""
+    backend = str(getattr(cfg, "env_backend", "gymnasium"))
+    common = {"env": dict(eval_env), "env_backend": backend}
+    if backend == "envpool":
+        from evaluation.envpool_envs import envpool_id, envpool_kwargs
+
+        common["envpool"] = {"id": envpool_id(eval_env, cfg), **envpool_kwargs(eval_env, cfg, frame_stack)}
     if eval_env["kind"] == "atari":
         return common | {
             "env_id": f"ALE/{eval_env['game']}-v5", "frameskip_base": 1, "frame_skip": int(cfg.frame_skip),

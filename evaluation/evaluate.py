@@ -114,8 +114,7 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
     groups = groups_of(tasks, int(cfg.envs_per_actor))
     eval_dict = OmegaConf.to_container(cfg, resolve=True)
     started = time.time()
-    payload_ref = ray.put(payload)  # the only copy of the weights: every actor (and restart) reads this object
-    fleet = ActorFleet(payload_ref, eval_dict, min(int(cfg.actors), len(groups)), int(cfg.envs_per_actor),
+    fleet = ActorFleet(payload, eval_dict, min(int(cfg.actors), len(groups)), int(cfg.envs_per_actor),
                        str(cfg.mode), bool(cfg.sample), render=record, max_restarts=max_restarts,
                        max_task_retries=max_task_retries, num_cpus=actor_cpus, resources=actor_resources,
                        fault_hook=fault_hook)
@@ -160,7 +159,7 @@ def build_config(base: Any, args: argparse.Namespace) -> Any:
     if cfg.episodes < 1 or cfg.actors < 1 or cfg.envs_per_actor < 1:
         raise SystemExit(f"evaluate: episodes, actors and envs_per_actor must be >= 1, got {cfg.episodes}, "
                          f"{cfg.actors}, {cfg.envs_per_actor}")
-    for key in ("mode", "mujoco_version", "frame_padding"):
+    for key in ("mode", "mujoco_version", "frame_padding", "env_backend"):
         allowed = CHOICES[f"eval.{key}"]
         if cfg[key] not in allowed:
             raise SystemExit(f"evaluate: {key} must be one of {list(allowed)}, got '{cfg[key]}'")

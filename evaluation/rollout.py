@@ -1,4 +1,4 @@
-"""Run groups of episodes in lockstep: one env per episode, one batched policy call per step for the whole group.
+"""Run groups of episodes in lockstep: a batch of envs (evaluation/batch.py), one batched policy call per step.
 
 No Ray here: a Ray actor (evaluation/actors.py), the benchmark and the tests all call ``run_group``.
 """
@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
+
+from evaluation.batch import as_batch
 
 MAX_GIF_FRAMES = 600  # recordings keep at most this many frames (evenly strided)
 
@@ -62,20 +64,21 @@ class _Recorder:
         return buf.getvalue()
 
 
-def run_group(envs: list[Any], policy: Any, tasks: list[EpisodeTask], fault_hook: Optional[Any] = None) -> list[dict]:
-    """Runs ``tasks`` (at most ``len(envs)``) to the end of their episodes; one result dict per task.
+def run_group(envs: Any, policy: Any, tasks: list[EpisodeTask], fault_hook: Optional[Any] = None) -> list[dict]:
+    """Runs ``tasks`` (at most ``len(envs)``) to the end of their episodes; one result dict per task. ``envs`` is a
+    batch (evaluation/batch.py) or a list of gymnasium envs.
 
     Finished slots keep receiving their last observation so the batch shape stays fixed; their actions are ignored.
     ``fault_hook(step)`` is called every step (tests use it to kill the worker process mid-episode).
     """
-    if len(tasks) > len(envs):
-        raise ValueError(f"{len(tasks)} episodes for {len(envs)} envs")
+    batch = as_batch(envs)
+    if len(tasks) > len(batch):
+        raise ValueError(f"{len(tasks)} episodes for {len(batch)} envs")
     n = len(tasks)
-    first = [envs[i].reset(seed=tasks[i].seed)[0] for i in range(n)]
-    obs = np.stack(first)
+    obs = batch.reset([t.seed for t in tasks])
     recorders = {i: _Recorder() for i in range(n) if tasks[i].record}
     for i, rec in recorders.items():
-        rec.add(envs[i].render())
+        rec.add(batch.render(i))
     policy.start([t.target for t in tasks], [t.seed for t in tasks])
     done = np.zeros(n, bool)
     returns, lengths = np.zeros(n), np.zeros(n, np.int64)
@@ -88,16 +91,17 @@ def run_group(envs: list[Any], policy: Any, tasks: list[EpisodeTask], fault_hook
         t0 = time.perf_counter()
         actions = policy.act(obs)
         t1 = time.perf_counter()
-        rewards = np.zeros(n)
-        for i in np.flatnonzero(~done):
-            o, r, terminated, truncated, _ = envs[i].step(actions[i])
-            obs[i], rewards[i] = o, r
-            returns[i] += r
-            lengths[i] += 1
-            if i in recorders:
-                recorders[i].add(envs[i].render())
-            if terminated or truncated:
-                done[i], ends[i] = True, "terminated" if terminated else "truncated"
+        active = ~done
+        new_obs, rewards, terminated, truncated = batch.step(actions, active)
+        obs[active] = new_obs[active]
+        rewards = np.where(active, rewards, 0.0)
+        returns += rewards
+        lengths += active
+        for i, rec in recorders.items():
+            if active[i]:
+                rec.add(batch.render(i))
+        for i in np.flatnonzero(active & (terminated | truncated)):
+            done[i], ends[i] = True, "terminated" if terminated[i] else "truncated"
         env_s += time.perf_counter() - t1
         policy_s += t1 - t0
         policy.observe(rewards)

@@ -80,6 +80,12 @@ class ModelConfig:
     backend: str = "auto"  # one of mambadm.ssm.backends.BACKENDS: auto | ref | fast | cpp | cuda | triton
     # Decision Transformer
     n_head: int = 4
+    activation: str = "gelu"  # the DT's FFN activation: gelu (DT's Atari code) | relu (DT's gym code)
+    # Reference switches (docs/protocol.md)
+    timestep_encoding: str = "per_token"  # per_token | dt_global (DT Atari: one timestep per window + positions)
+    position_tokens: int = 0  # dt_global: rows of the learned per-token position table (DT Atari: 3K + 1)
+    token_norm: bool = True  # LayerNorm over every token (DT's gym code; its Atari code has only dropout)
+    init: str = "project"  # project | dt: the reference's initialisation (mambadm/model/embeddings.py)
 
 
 @dataclass
@@ -107,6 +113,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA): one pass over all parameters per step
+    decay: str = "groups"  # groups: no decay on biases, norms, embeddings | all (DT's gym code)
+    schedule: str = "cosine"  # cosine: warmup_steps, then down to min_lr_ratio at train.steps | dt_tokens (DT Atari)
+    tokens_per_update: int = 0  # dt_tokens: action tokens per update = data.batch_size x data.context_len x grad_accum
+    warmup_tokens: int = 10_240  # dt_tokens: linear warmup (DT: 512 x 20)
+    final_tokens: int = 0  # dt_tokens: where the cosine meets its floor; 0 = 6/5 of the run (DT: 6 epochs' tokens)
 
 
 @dataclass
@@ -137,6 +148,8 @@ class EvalConfig:
     seed: int = 0
     repeat_action_probability: float = 0.0  # sticky actions (DQN-Replay data was collected with 0.25)
     noop_max: int = 30
+    noop_min: int = 1  # no-op starts draw from [noop_min, noop_max] (gymnasium: 1..30; DT: 0..29)
+    frame_processing: str = "dopamine"  # dopamine: max-pool, then INTER_AREA (as the data) | dt: INTER_LINEAR, then max
     max_episode_frames: int = 108_000  # Atari cap in emulator frames
     max_episode_steps: int = 1000  # MuJoCo episode length
     mujoco_version: str = "v5"  # v5 | v4
@@ -146,6 +159,7 @@ class EvalConfig:
     terminal_on_life_loss: bool = False
     full_action_space: bool = False  # False = the game's minimal action set
     state_std_eps: float = 1e-6  # MuJoCo states: (s - mean) / (std + eps), as in Decision Transformer
+    env_backend: str = "gymnasium"  # gymnasium (the reference protocol) | envpool (Atari and MuJoCo; docs/evaluation.md)
 
 
 @dataclass
@@ -163,6 +177,13 @@ CHOICES = {  # keys with a fixed set of values; model.fusion and model.backend: 
     "eval.mode": ("recurrent", "window"),
     "eval.mujoco_version": ("v4", "v5"),
     "eval.frame_padding": ("zero", "reset"),
+    "eval.frame_processing": ("dopamine", "dt"),
+    "model.activation": ("gelu", "relu"),
+    "model.timestep_encoding": ("per_token", "dt_global"),
+    "model.init": ("project", "dt"),
+    "optim.decay": ("groups", "all"),
+    "optim.schedule": ("cosine", "dt_tokens"),
+    "eval.env_backend": ("gymnasium", "envpool"),  # evaluation.batch.ENV_BACKENDS
 }
 
 
@@ -260,6 +281,12 @@ def validate(cfg: Any) -> None:
             value = "no"
         if value is not None and value not in allowed:
             raise ConfigError(f"'{key}' must be one of {list(allowed)}, got '{value}'")
+    if OmegaConf.select(cfg, "optim.schedule") == "dt_tokens":  # tokens are counted per process, as on DT's one GPU
+        tokens = cfg.data.batch_size * cfg.data.context_len * cfg.optim.grad_accum
+        if cfg.optim.tokens_per_update != tokens:
+            raise ConfigError(f"optim.tokens_per_update must equal data.batch_size x data.context_len x "
+                              f"optim.grad_accum = {tokens} with optim.schedule=dt_tokens, got "
+                              f"{cfg.optim.tokens_per_update}")
 
 
 def to_yaml(cfg: Any) -> str:
