@@ -69,3 +69,12 @@ def test_joint_fit_noisy_ci_covers_truth():
 def test_joint_fit_needs_three_by_three():
     with pytest.raises(FitError, match=">= 3 model sizes"):
         fit_joint([1e5, 1e6, 1e5, 1e6], [1e4, 1e4, 1e5, 1e5], [2.0, 1.8, 1.7, 1.5])
+
+
+def test_two_point_fit_is_exact_without_r2_or_interval():
+    fit = fit_power_law([1e4, 2e4], [10.0, 9.86], n_boot=100)
+    assert fit.dof == 0 and fit.exact and fit.ci_method == "exact"
+    assert fit.r2 is None and fit.exponent_ci is None and fit.coef_ci is None
+    assert fit.gain(2.0) == pytest.approx(9.86 / 10 - 1)
+    seeds = fit_power_law([1e4, 1e4, 2e4, 2e4], [10.0, 10.4, 9.7, 10.1], n_boot=100)
+    assert seeds.dof == 2 and seeds.ci_method == "seeds" and seeds.exponent_ci[0] < seeds.exponent_ci[1]

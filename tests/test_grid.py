@@ -141,3 +141,24 @@ def test_subset_tolerance_refuses_coarse_subsets(presets):
     grid_file = write_grid(ws / "fine.yaml", transitions=f"[{two}]", subset_tolerance="0.1")
     cells = expand(load_grid(grid_file), grid_file, ws / "out")
     assert {(c.requested, c.transitions) for c in cells} == {(two, two)}
+
+
+def test_results_row_reads_truncation_settling_and_dataset_facts(tmp_path):
+    """The row's new columns from real file layouts: evaluation episodes' `end`, metrics.jsonl, dataset.json."""
+    from mambadm.study.cell import dataset_facts, run_summary, scores
+
+    results = {"targets": [{"target": 1000.0, "episodes": 4, "mean": 990.0, "std": 3.0},
+                           {"target": 500.0, "episodes": 4, "mean": 400.0, "std": 9.0}],
+               "episodes": [{"target": 1000.0, "end": e} for e in ("truncated", "truncated", "truncated", "terminated")]
+               + [{"target": 500.0, "end": "terminated"}] * 4}
+    row = scores(results, tmp_path / "results.json")
+    assert row["episodes"] == 4 and row["truncated_share"] == 0.75 and row["score_mean"] == 990.0
+    metrics = tmp_path / "metrics.jsonl"
+    losses = {0: 9.0, 25: 2.0, 50: 1.004, 75: 1.0, 100: 1.006}  # within 1% of the best from step 50 on
+    metrics.write_text("".join(f'{{"step": {k}, "val_loss": {v}}}\n' for k, v in losses.items()))
+    assert run_summary(metrics)["val_settled_step"] == 50
+    metrics.write_text('{"step": 50, "val_loss": 2.0}\n{"step": 100, "val_loss": 1.0}\n')
+    assert math.isnan(run_summary(metrics)["val_settled_step"])  # 2 validations: too few to tell
+    (tmp_path / "dataset.json").write_text('{"env": "hopper-mixed-v2", "eval_env": {"kind": "mujoco", "task": '
+                                           '"hopper"}, "returns": {"max": 1001.4}}')
+    assert dataset_facts(tmp_path) == {"env_kind": "mujoco", "env": "hopper", "data_return_max": 1001.4}

@@ -165,8 +165,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
              "Continuous A is diagonal (eigenvalues = entries, real, negative); "
              "the discretised transition is exp(Δ·A) in (0, 1); values near 1 keep the state for long.", "",
              f"Baseline: {result['baseline']}.", "",
-             f"| layer | branch | eigenvalues | A range (init) | Δ median | median \\|exp(ΔA)\\| | > {threshold} (init) | "
-             f"median \\|Δ log\\|A\\|\\| | \\|A\\| moved > {100 * MOVED:g}% | median \\|Δ log Δ\\| | "
+             "| layer | branch | eigenvalues | A range (init) | Δ median | median \\|exp(ΔA)\\| | "
+             f"> {threshold} (init) | median \\|Δ log\\|A\\|\\| | \\|A\\| moved > {100 * MOVED:g}% | median \\|Δ log Δ\\| | "
              "median timescale (tokens) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in stats:

@@ -117,7 +117,8 @@ def _fit_entry(x: list[float], y: list[float], n_boot: int) -> dict:
     except FitError as e:
         return {"error": str(e)}
     ci = fit.exponent_ci
-    return fit.to_dict() | {"gain_2x": fit.gain(2.0), "gain_2x_ci": [2.0 ** ci[0] - 1, 2.0 ** ci[1] - 1] if ci else None}
+    gain_ci = [2.0 ** ci[0] - 1, 2.0 ** ci[1] - 1] if ci else None
+    return fit.to_dict() | {"gain_2x": fit.gain(2.0), "gain_2x_ci": gain_ci}
 
 
 def _along(points: list[Point], axis: str) -> tuple[str, list[tuple[tuple, list[Point]]]]:
