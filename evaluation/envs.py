@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 
 from data_pipeline.sources.mujoco_tasks import gym_id
+from evaluation.atari_frames import AtariFrames
 
 
 class NormalizeState(gym.ObservationWrapper):
@@ -82,9 +83,14 @@ def make_atari(game: str, cfg: Any, frame_stack: int = 4, render: bool = False) 
                    max_num_frames_per_episode=int(cfg.max_episode_frames),
                    render_mode="rgb_array" if render else None)
     env = SnapshotSeededReset(env, cfg.repeat_action_probability)
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=int(cfg.noop_max), frame_skip=int(cfg.frame_skip),
-                                          screen_size=84, terminal_on_life_loss=bool(cfg.terminal_on_life_loss),
-                                          grayscale_obs=True, scale_obs=False)
+    if cfg.frame_processing == "dopamine" and int(cfg.noop_min) == 1:
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=int(cfg.noop_max), frame_skip=int(cfg.frame_skip),
+                                              screen_size=84, terminal_on_life_loss=bool(cfg.terminal_on_life_loss),
+                                              grayscale_obs=True, scale_obs=False)
+    elif cfg.terminal_on_life_loss:
+        raise ValueError("eval.terminal_on_life_loss needs eval.frame_processing=dopamine and eval.noop_min=1")
+    else:  # DT's frame order or no-op range (evaluation/atari_frames.py)
+        env = AtariFrames(env, str(cfg.frame_processing), int(cfg.frame_skip), int(cfg.noop_min), int(cfg.noop_max))
     padding = "zero" if cfg.frame_padding == "zero" else "reset"
     if padding == "zero":
         padding = np.zeros((84, 84), np.uint8)
@@ -140,7 +146,8 @@ def protocol(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
         return common | {
             "env_id": f"ALE/{eval_env['game']}-v5", "frameskip_base": 1, "frame_skip": int(cfg.frame_skip),
             "max_pool_last_two_frames": True, "screen": [84, 84], "grayscale": True, "frame_stack": frame_stack,
-            "frame_padding": str(cfg.frame_padding), "noop_max": int(cfg.noop_max),
+            "frame_padding": str(cfg.frame_padding), "noop_max": int(cfg.noop_max), "noop_min": int(cfg.noop_min),
+            "frame_processing": str(cfg.frame_processing),
             "repeat_action_probability": float(cfg.repeat_action_probability),
             "terminal_on_life_loss": bool(cfg.terminal_on_life_loss),
             "full_action_space": bool(cfg.full_action_space), "max_episode_frames": int(cfg.max_episode_frames),

@@ -65,8 +65,8 @@ class DecisionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: EnvSpec) -> None:
         super().__init__()
         self.cfg, self.spec = cfg, spec
-        self.embed = TokenEmbedding(spec, cfg.d_model, cfg.dropout)
-        self.head = ActionHead(spec, cfg.d_model)
+        self.embed = TokenEmbedding.from_config(spec, cfg)
+        self.head = ActionHead(spec, cfg.d_model, cfg.init)
 
     # ------------------------------------------------------------------------------------------- training
     def backbone(self, tokens: Tensor) -> Tensor:
