@@ -133,7 +133,11 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <checkpoint dir>
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
     compile: bool = False  # torch.compile the model in place (module.compile(); checkpoints keep their keys)
-    tensorboard: bool = True
+    tensorboard: bool = True  # false leaves tensorboard out of `trackers`
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # + mlflow, wandb, ... (docs/training.md)
+    project: str = "mambadm"  # MLflow experiment / W&B project of the run (a grid uses its own name)
+    run_name: str = ""  # the tracker run's name; empty = the run directory's name
+    tracking_uri: str = ""  # MLflow store, e.g. sqlite:///runs/mlflow.db or http://host:5000; empty = $MLFLOW_TRACKING_URI
     progress: bool = True
 
 

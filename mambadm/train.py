@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from mambadm import data as data_lib
 from mambadm.checkpoint import TrainerState, prune, resolve_resume, save_checkpoint
 from mambadm.config import ConfigError, EnvSpec, load_config, to_yaml
 from mambadm.export import dataset_info, save_export
-from mambadm.metrics import MetricsLogger
+from mambadm.metrics import MetricsLogger, check_trackers, flat_params, log_export, start_trackers
 from mambadm.model import DecisionModel, build_model
 from mambadm.model.base import TOKENS_PER_STEP
 from mambadm.optim import make_optimizer, make_scheduler
@@ -61,7 +62,6 @@ def build_accelerator(cfg: Any):
     accelerator = Accelerator(
         cpu=not on_gpu and not deepspeed,  # cpu=True would drop DeepSpeed (which then uses its CPU accelerator)
         mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum,
-        log_with="tensorboard" if cfg.train.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
         step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
     plugin = accelerator.state.deepspeed_plugin
@@ -185,8 +185,7 @@ class Trainer:
         self.setup_model()
         self.state = self.resume()
         self.announce()
-        if cfg.train.tensorboard:
-            accelerator.init_trackers("tensorboard")
+        start_trackers(accelerator, cfg, self.run_dir, flat_params(OmegaConf.to_container(cfg, resolve=True)))
         self.metrics = MetricsLogger(accelerator, self.run_dir, self.state.step, cfg.train.steps, cfg.train.progress)
         self.throughput = Throughput()
         self.first_batch: Optional[str] = None  # fingerprint, for ranks/
@@ -356,6 +355,7 @@ class Trainer:
             save_export(export_dir, accelerator.unwrap_model(self.objective).model, self.cfg, self.spec,
                         dataset_info(self.index), state_dict=weights)
             accelerator.print(f"export written to {export_dir}")
+            log_export(accelerator, export_dir)
         write_rank_record(self.run_dir, accelerator, self.objective, self.first_batch, self.micro_batches)
         accelerator.wait_for_everyone()
 
@@ -375,6 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_trackers(cfg.train)  # an unknown tracker or a missing package: an error before anything starts
     except ConfigError as e:
         print(f"mambadm.train: error: {e}", file=sys.stderr)
         return 2
