@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   missing=""
-  for pkg in openssh-server openssh-client rsync g++; do
+  # openssh-server, rsync: the Ray cluster tests; slurmctld, slurmd, munge, slurm-client: the Slurm grid test
+  for pkg in openssh-server openssh-client rsync g++ slurmctld slurmd munge slurm-client; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
   done
   if [ -n "$missing" ]; then

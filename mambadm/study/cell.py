@@ -150,8 +150,9 @@ def dataset_facts(export: Path) -> dict[str, Any]:
 
 
 def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, eval_cfg: dict[str, Any],
-             resources: dict[str, Any]) -> dict[str, Any]:
-    """Trains and evaluates one cell (skipping what is already done) and returns its results row."""
+             resources: dict[str, Any], train_cmd: list[str] | None = None) -> dict[str, Any]:
+    """Trains and evaluates one cell (skipping what is already done) and returns its results row. `train_cmd`, when
+    given, replaces the training command (a multi-node Slurm job starts training on every node through srun)."""
     marker = cell_dir / "row.json"
     if marker.is_file():
         return json.loads(marker.read_text())
@@ -162,8 +163,8 @@ def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, ev
 
     train_done = cell_dir / "train.done"
     if not train_done.is_file():
-        cmd = train_command(launcher, base, cell["overrides"], int(resources.get("num_processes", 1)),
-                            resources.get("accelerate_config") or None)
+        cmd = train_cmd or train_command(launcher, base, cell["overrides"], int(resources.get("num_processes", 1)),
+                                         resources.get("accelerate_config") or None)
         seconds = _run_logged(cmd, cell_dir / "train.log", cell["key"], "training")
         atomic_write_text(train_done, json.dumps({"wall_time_s": seconds}) + "\n")
     train_seconds = float(json.loads(train_done.read_text())["wall_time_s"])

@@ -1,14 +1,16 @@
 """Scaling grid runner: model sizes × dataset sizes × seeds × families, each cell trained and evaluated for real.
 
-    python -m mambadm.grid configs/grid/X.yaml [--dry-run] [--parallel local|ray] [--out DIR]
+    python -m mambadm.grid configs/grid/X.yaml [--dry-run] [--parallel local|ray|slurm] [--wait] [--out DIR]
                            [--launcher accelerate|python] [--measure] [key=value ...]
 
 `--dry-run` prints every cell (parameters, transitions, steps, tokens, FLOPs = flops_per_token × tokens, estimated
 time) and exits. Otherwise each cell runs `accelerate launch -m mambadm.train` (or `python -m mambadm.train`) with its
 overrides, then `python -m evaluation.evaluate`; cells run one after another (`local`) or as Ray tasks holding
 `resources.gpus_per_cell` / `cpus_per_cell` (`ray`; connects to $RAY_ADDRESS when set, e.g. on a cluster started
-from cluster/eval.yaml). Finished cells are skipped, so a killed grid restarts where it stopped; a failed cell is
-reported with its log and the others go on. `OUT/results.csv` gets one row per finished cell after every cell.
+from cluster/eval.yaml) or as the tasks of a Slurm job array (`slurm`, `resources.slurm`, mambadm/study/slurm.py:
+returns once they are submitted, or follows them to the end with `--wait`). Finished cells are skipped, so a killed
+grid restarts where it stopped; a failed cell is reported with its log and the others go on. `OUT/results.csv` gets
+one row per finished cell after every cell.
 """
 from __future__ import annotations
 
@@ -104,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the cells and their costs, run nothing")
     parser.add_argument("--measure", action="store_true",
                         help="with --dry-run: time a training step per model here for the time estimate")
-    parser.add_argument("--parallel", choices=("local", "ray"), default="local")
+    parser.add_argument("--parallel", choices=("local", "ray", "slurm"), default="local")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --parallel slurm: follow the jobs until every cell has ended (default: submit and "
+                             "return; rerun the grid later to collect the results)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the grid's 'out')")
     parser.add_argument("--launcher", choices=("accelerate", "python"), default=None,
                         help="override the grid's launcher")
@@ -127,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", OmegaConf.to_yaml(grid))
     atomic_write_text(out / "plan.json", json.dumps([c.to_dict() for c in cells], indent=2) + "\n")
-    failures = (run_ray if args.parallel == "ray" else run_local)(grid, args.grid, out, cells)
+    if args.parallel == "slurm":
+        from mambadm.study.slurm import run_slurm
+        failures = run_slurm(grid, args.grid, out, cells, wait=args.wait)
+    else:
+        failures = (run_ray if args.parallel == "ray" else run_local)(grid, args.grid, out, cells)
     n = write_results(out, cells)
     print(f"grid: {n}/{len(cells)} cells done; results: {out / 'results.csv'}")
     for f in failures:
         print(f"grid: FAILED {f}", file=sys.stderr)
-    return 1 if failures or n < len(cells) else 0
+    submitted = args.parallel == "slurm" and not args.wait  # cells queued, not failed
+    return 1 if failures or (n < len(cells) and not submitted) else 0
 
 
 if __name__ == "__main__":

@@ -41,11 +41,30 @@ class GridEval:
 
 
 @dataclass
+class GridSlurm:
+    """One Slurm job per cell (--parallel slurm; mambadm/study/slurm.py); per node of a cell's allocation."""
+    partition: str = ""  # sbatch --partition (empty: the cluster's default)
+    account: str = ""  # sbatch --account (empty: the user's default)
+    time: str = "4:00:00"  # sbatch --time of one attempt (a requeued attempt gets it again)
+    nodes: int = 1  # sbatch --nodes; > 1: Accelerate's multi-node launch on every node (srun)
+    gpus_per_node: int = 0  # sbatch --gpus-per-node; nodes × gpus_per_node must equal resources.num_processes
+    cpus_per_node: int = 2  # sbatch --cpus-per-task (one task per node)
+    mem_per_node: str = ""  # sbatch --mem, e.g. 64G (empty: the partition's default)
+    max_running: int = 0  # cells running at once (the job array's %N throttle; 0 = no limit)
+    requeues: int = 2  # times a cell requeues itself when its time limit is near (0 = never)
+    requeue_grace_s: int = 300  # how long before the time limit it does (sbatch --signal=B:USR1@N)
+    sbatch_args: list[str] = field(default_factory=list)  # further sbatch options, e.g. [--qos=high, --constraint=a100]
+    setup: list[str] = field(default_factory=list)  # shell lines a job runs first (module load ..., source ...)
+    poll_s: float = 30.0  # --wait: seconds between two looks at the queue
+
+
+@dataclass
 class GridResources:
     gpus_per_cell: float = 0.0  # Ray resources of one cell (--parallel ray)
     cpus_per_cell: float = 2.0
     num_processes: int = 1  # accelerate launch --num_processes (data-parallel ranks per cell)
     accelerate_config: str = ""  # accelerate launch --config_file (relative to the grid file); empty = flags only
+    slurm: GridSlurm = field(default_factory=GridSlurm)
 
 
 @dataclass
@@ -121,7 +140,25 @@ def load_grid(path: Path, overrides: list[str] | None = None) -> Any:
     for name in ("families", "sizes", "seeds"):
         if not g[name]:
             raise ConfigError(f"{path}: '{name}' is empty")
+    check_slurm(g, path)
     return g
+
+
+def check_slurm(g: Any, path: Path) -> None:
+    """resources.slurm: counts in range, and the allocation consistent with the cell's processes."""
+    s, processes = g.resources.slurm, g.resources.num_processes
+    for key, least in (("nodes", 1), ("cpus_per_node", 1), ("gpus_per_node", 0), ("max_running", 0),
+                       ("requeues", 0), ("requeue_grace_s", 0), ("poll_s", 0.1)):
+        if s[key] < least:
+            raise ConfigError(f"{path}: resources.slurm.{key} must be >= {least}, got {s[key]}")
+    if s.nodes > 1 and g.launcher != "accelerate":
+        raise ConfigError(f"{path}: resources.slurm.nodes={s.nodes} needs launcher accelerate, got '{g.launcher}'")
+    if s.gpus_per_node and processes != s.nodes * s.gpus_per_node:
+        raise ConfigError(f"{path}: resources.num_processes must be resources.slurm.nodes × gpus_per_node = "
+                          f"{s.nodes * s.gpus_per_node} (one process per GPU), got {processes}")
+    if processes % s.nodes:
+        raise ConfigError(f"{path}: resources.num_processes must be a multiple of resources.slurm.nodes={s.nodes}, "
+                          f"got {processes}")
 
 
 def budget_axis(grid: Any) -> list[tuple[str, float]]:
