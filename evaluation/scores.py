@@ -7,8 +7,10 @@ Sources:
 - Atari random and human scores: the tables used by Decision Transformer (Chen et al. 2021) and Agarwal et al. 2020
   ("An Optimistic Perspective on Offline RL", google-research/batch_rl); gamer-normalised score =
   100 · (score − random) / (human − random).
-- Target returns: Decision Transformer's evaluation scripts (kzl/decision-transformer, ``atari/run_dt_atari.py`` and
-  ``gym/experiment.py``), copied by Decision ConvFormer and Decision Mamba.
+- Target returns: Decision Transformer's code (kzl/decision-transformer@e2d82e68f330: Atari
+  ``atari/mingpt/trainer_atari.py:161-168``, MuJoCo ``gym/experiment.py:41-51``), copied by Decision ConvFormer and
+  Decision Mamba. The DT paper's Table 8 is reported to list Qbert 2500 and Seaquest 1450 instead (not checked here).
+  Asterix, Frostbite, Assault and Gopher are not in the DT code; their targets are this project's choice.
 """
 from __future__ import annotations
 
