@@ -76,7 +76,8 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Sequential selective scan; returns out (batch, d_inner, L) in u's dtype [, last state (batch, d_inner, d_state)]."""
+    """Sequential selective scan; returns out (batch, d_inner, L) in u's dtype [, last state (batch, d_inner,
+    d_state)]."""
     dtype_in, dtype = u.dtype, compute_dtype(u)
     u = u.to(dtype)
     delta = prepare_delta(delta, delta_bias, delta_softplus, dtype)  # (b, d, L)
