@@ -156,7 +156,7 @@ def test_grid_cells_are_runs_of_one_experiment_that_reproduce_results_csv(ws, tm
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    grid = write_grid(tmp_path / "grid.yaml", name="tracked-grid", families="[mambadm]", sizes="[t1]",
+    grid = write_grid(ws / "tracked-grid.yaml", name="tracked-grid", families="[mambadm]", sizes="[t1]",
                       transitions="[1500, 3000]", steps="4", launcher="python",
                       overrides=f"['train.trackers=[mlflow,wandb]', 'train.tracking_uri={uri}']",
                       eval="{episodes: 2, actors: 1, args: ['--targets', '3600', '--set', 'max_episode_steps=40', "

@@ -1,0 +1,134 @@
+"""The EnvPool evaluation backend against the gymnasium reference: bit-identical Atari episodes where the protocol is
+deterministic, matching return distributions where it is not (two-sample Kolmogorov-Smirnov and Welch tests at
+alpha = 0.01), deterministic results through Ray whatever the number of actors, and no Ray warning about constructor
+arguments in the object store."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+
+from evaluation.batch import make_batch
+from evaluation.policy import RandomPolicy, build_policy, payload_from_export
+from evaluation.rollout import make_tasks, run_group
+from mambadm.config import EvalConfig
+
+pytest.importorskip("envpool")
+
+BREAKOUT = {"kind": "atari", "game": "Breakout"}
+HOPPER = {"kind": "mujoco", "task": "hopper"}
+ALPHA = 0.01  # the statistical tests' tolerance: parity is rejected only when p < 1%
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(**kw):
+    return OmegaConf.merge(OmegaConf.structured(EvalConfig), kw)
+
+
+def test_atari_episodes_are_bit_identical_where_the_protocol_is_deterministic():
+    """One no-op frame (EnvPool's least; gymnasium draws 1..1 too) and no sticky actions: nothing is random, so the
+    same actions give the same zero-padded frame stacks, rewards and episode ends on both backends. The one frame
+    that differs is an episode's last (ALE's game over cuts the frame skip: EnvPool then skips the max-pool); no
+    policy ever sees it."""
+    cfg = config(noop_max=1, max_episode_frames=2000)
+    reference = make_batch(BREAKOUT, cfg, None, 3)
+    fast = make_batch(BREAKOUT, OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, 3)
+    obs_ref, obs_fast = reference.reset([1, 2, 3]), fast.reset([1, 2, 3])
+    np.testing.assert_array_equal(obs_ref, obs_fast)
+    assert obs_ref[:, :3].max() == 0 and obs_ref[:, 3].max() > 0  # the stack before the first frame is zeros
+    rng = np.random.default_rng(0)
+    done, steps, total = np.zeros(3, bool), 0, np.zeros(3)
+    while not done.all():
+        actions = rng.integers(0, 4, 3)
+        o_ref, r_ref, term_ref, trunc_ref = reference.step(actions, ~done)
+        o_fast, r_fast, term_fast, trunc_fast = fast.step(actions, ~done)
+        active = ~done
+        np.testing.assert_array_equal(r_ref[active], r_fast[active])
+        np.testing.assert_array_equal((term_ref | trunc_ref)[active], (term_fast | trunc_fast)[active])
+        going = active & ~(term_ref | trunc_ref)  # a last frame is never acted on (and the two max-pool it apart)
+        np.testing.assert_array_equal(o_ref[going], o_fast[going])
+        total += np.where(active, r_ref, 0)
+        done |= active & (term_ref | trunc_ref)
+        steps += 1
+    assert steps > 100 and total.sum() > 0  # long enough to score: the comparison covers real play
+
+
+def returns(eval_env, cfg, episodes, n_envs, policy_of=RandomPolicy, seed=0):
+    batch = make_batch(eval_env, cfg, None, n_envs)
+    tasks = make_tasks([90.0], episodes, seed)
+    out = []
+    for i in range(0, episodes, n_envs):
+        out += [r["return"] for r in run_group(batch, policy_of(batch.action_space), tasks[i:i + n_envs])]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("eval_env, episodes, kw", [
+    (BREAKOUT, 40, {"max_episode_frames": 4000}),  # no-op starts: the seeds draw different no-op counts
+    (BREAKOUT, 40, {"max_episode_frames": 4000, "repeat_action_probability": 0.25}),  # sticky actions
+    (HOPPER, 60, {}),  # EnvPool's MuJoCo build and its own initial-state noise
+])
+def test_random_policy_returns_have_the_same_distribution(eval_env, episodes, kw):
+    reference = returns(eval_env, config(**kw), episodes, 8)
+    fast = returns(eval_env, config(env_backend="envpool", **kw), episodes, 8)
+    assert stats.ks_2samp(reference, fast).pvalue > ALPHA, (reference.mean(), fast.mean())
+    assert stats.ttest_ind(reference, fast, equal_var=False).pvalue > ALPHA, (reference.mean(), fast.mean())
+
+
+def test_a_model_policy_scores_the_same_within_error(tmp_path):
+    """An exported (untrained, deterministic) MambaDM on Hopper: normalised states, tanh actions; same statistics."""
+    from test_eval_policy import make_export
+
+    payload = payload_from_export(make_export(tmp_path))
+
+    def model(space):
+        return build_policy(payload, space)
+
+    cfg = {"state_mean": payload["dataset_info"]["state_mean"], "state_std": payload["dataset_info"]["state_std"]}
+    out = {}
+    for backend in ("gymnasium", "envpool"):
+        batch = make_batch(HOPPER, config(env_backend=backend), cfg, 8)
+        tasks = make_tasks([3600.0], 32, 0)
+        out[backend] = np.array([r["return"] for i in range(0, 32, 8)
+                                 for r in run_group(batch, model(batch.action_space), tasks[i:i + 8])])
+    assert stats.ttest_ind(out["gymnasium"], out["envpool"], equal_var=False).pvalue > ALPHA, out
+    assert stats.ks_2samp(out["gymnasium"], out["envpool"]).pvalue > ALPHA, out
+
+
+def test_envpool_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="noop_max"):
+        make_batch(BREAKOUT, config(env_backend="envpool", noop_max=0), None, 1)
+    with pytest.raises(ValueError, match="Atari and MuJoCo"):
+        make_batch({"kind": "gymnasium", "id": "CartPole-v1"}, config(env_backend="envpool"), None, 1)
+    with pytest.raises(ValueError, match="--record"):
+        make_batch(BREAKOUT, config(env_backend="envpool"), None, 1, render=True)
+
+
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp_path, backend):
+    """1 vs 2 actors give the same episodes on either backend; the output never shows Ray's error line about actor
+    constructor arguments in the object store (the payload travels by reference with each group)."""
+    from test_eval_policy import make_export
+
+    export = make_export(tmp_path)
+    results = {}
+    for actors in (1, 2):
+        output = tmp_path / f"results-{backend}-{actors}.json"
+        done = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(export), "--episodes",
+                               "4", "--actors", str(actors), "--envs-per-actor", "2", "--targets", "3600", "--set",
+                               f"env_backend={backend}", "--set", "max_episode_steps=60", "--output", str(output),
+                               "--max-restarts", "2"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"PYTHONPATH": REPO})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "constructor arguments in the object store" not in done.stdout + done.stderr
+        results[actors] = json.loads(output.read_text())
+        assert results[actors]["protocol"]["env_backend"] == backend
+        assert results[actors]["eval"]["env_backend"] == backend
+    assert [(e["return"], e["length"]) for e in results[1]["episodes"]] == \
+        [(e["return"], e["length"]) for e in results[2]["episodes"]]
