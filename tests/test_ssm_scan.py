@@ -104,6 +104,8 @@ def test_bad_shapes_are_named():
         selective_scan(**x, backend="fast", segment=2, return_last_state=True)
     with pytest.raises(ValueError, match="segment must be a positive number of steps or None, got 0"):
         selective_scan(**x, backend="cpp", segment=0)
+    with pytest.raises(ValueError, match="chunk must be a positive number of steps or None, got 0"):
+        CppBackend(chunk=0)
 
 
 @pytest.mark.parametrize("backend", ["fast", "cpp"])

@@ -115,6 +115,8 @@ class CppBackend(Backend):
     scan_segments = True
 
     def __init__(self, chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"CppBackend: chunk must be a positive number of steps or None, got {chunk}")
         self.chunk = chunk or DEFAULT_CHUNK
 
     def _conv(self, u, weight, bias, segment):
