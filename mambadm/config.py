@@ -137,7 +137,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # + mlflow, wandb, ... (docs/training.md)
     project: str = "mambadm"  # MLflow experiment / W&B project of the run (a grid uses its own name)
     run_name: str = ""  # the tracker run's name; empty = the run directory's name
-    tracking_uri: str = ""  # MLflow store, e.g. sqlite:///runs/mlflow.db or http://host:5000; empty = $MLFLOW_TRACKING_URI
+    tracking_uri: str = ""  # MLflow store (sqlite:///runs/mlflow.db, http://host:5000); empty = $MLFLOW_TRACKING_URI
     progress: bool = True
 
 
@@ -163,7 +163,7 @@ class EvalConfig:
     terminal_on_life_loss: bool = False
     full_action_space: bool = False  # False = the game's minimal action set
     state_std_eps: float = 1e-6  # MuJoCo states: (s - mean) / (std + eps), as in Decision Transformer
-    env_backend: str = "gymnasium"  # gymnasium (the reference protocol) | envpool (Atari and MuJoCo; docs/evaluation.md)
+    env_backend: str = "gymnasium"  # gymnasium (the reference protocol) | envpool (Atari, MuJoCo; docs/evaluation.md)
 
 
 @dataclass
