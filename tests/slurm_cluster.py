@@ -1,10 +1,11 @@
-"""A one-node Slurm cluster on 127.0.0.1 for the tests: Debian's munged, slurmctld and slurmd (scripts/setup.sh
-installs them), started as the test's own processes from a slurm.conf in a private temporary folder.
+"""A Slurm cluster on 127.0.0.1 for the tests: Debian's munged, slurmctld and one slurmd per node (scripts/setup.sh
+installs them), started as the test's own processes from a slurm.conf in a private temporary folder. Several nodes
+are several slurmd on this machine (`slurmd -N n2`, each on its own port), enough for a real multi-node job step.
 
-Everything is private to the cluster: munged runs with its own key, socket, pid and seed files; slurmctld and slurmd
-listen on free ports and keep their state, spool, pid and log files in the folder; clients find the cluster through
-``SLURM_CONF`` in ``cluster.env`` (never exported to the test process itself). ``stop`` cancels the cluster's jobs,
-stops the three daemons, and then ends any process still carrying this cluster's ``SLURM_CONF`` in its environment
+Everything is private to the cluster: munged runs with its own key, socket, pid and seed files; slurmctld and the
+slurmd listen on free ports and keep their state, spool, pid and log files in the folder; clients find the cluster
+through ``SLURM_CONF`` in ``cluster.env`` (never exported to the test process itself). ``stop`` cancels the
+cluster's jobs, stops the daemons, and then ends any process still carrying this cluster's ``SLURM_CONF`` in its environment
 (a job step's slurmstepd and the job's own processes), so nothing of it outlives the test.
 """
 from __future__ import annotations
@@ -43,16 +44,17 @@ def free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int) -> None:
+    def __init__(self, root: Path, nodes: int, cpus: int) -> None:
         self.root, self.cpus = root, cpus
+        self.nodes = [f"n{i + 1}" for i in range(nodes)]
         self.conf = root / "slurm.conf"
         self.env = os.environ | {"SLURM_CONF": str(self.conf), "PATH": SBIN_PATH}
         self.daemons: dict[str, subprocess.Popen] = {}
 
     def write_config(self) -> None:
         r = self.root
-        for d in ("munge", "state", "spool", "log"):
-            (r / d).mkdir(mode=0o700)
+        for d in ("munge", "state", "log", *(f"spool/{n}" for n in self.nodes)):
+            (r / d).mkdir(mode=0o700, parents=True)
         key = r / "munge" / "key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
@@ -66,11 +68,11 @@ class SlurmCluster:
             f"AuthInfo=socket={r / 'munge' / 'socket'},cred_expire=5",  # a requeued job may start again after 5 s
             "SlurmUser=root",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmdSpoolDir={r / 'spool' / '%n'}",  # %n: the node's name
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -85,8 +87,9 @@ class SlurmCluster:
             "ReturnToService=2",
             "KillWait=5",
             "MinJobAge=300",  # ended jobs stay visible in squeue (with their final state) this long
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            *(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={free_port()} CPUs={self.cpus} "
+              "RealMemory=1000 State=UNKNOWN" for n in self.nodes),
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
 
     def start(self) -> None:
@@ -98,12 +101,15 @@ class SlurmCluster:
         self.wait_for(lambda: (munge / "socket").exists(), "munged's socket")
         self.spawn("slurmctld", "-D")
         self.wait_for(lambda: self.client_ok("scontrol", "ping"), "slurmctld answering")
-        self.spawn("slurmd", "-D", "-N", "localhost")
-        self.wait_for(lambda: self.client_ok("sinfo", "-h", "-o", "%T") == "idle", "the node idle")
+        for node in self.nodes:
+            self.spawn("slurmd", "-D", "-N", node, name=f"slurmd-{node}")
+        self.wait_for(lambda: self.client_ok("sinfo", "-h", "-o", "%T %D") == f"idle {len(self.nodes)}",
+                      "every node idle")
 
-    def spawn(self, name: str, *args: str) -> None:
+    def spawn(self, binary: str, *args: str, name: str = "") -> None:
+        name = name or binary
         log = (self.root / "log" / f"{name}.out").open("w")
-        self.daemons[name] = subprocess.Popen([shutil.which(name, path=SBIN_PATH), *args], env=self.env,
+        self.daemons[name] = subprocess.Popen([shutil.which(binary, path=SBIN_PATH), *args], env=self.env,
                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def client_ok(self, *cmd: str) -> str | None:
@@ -144,9 +150,8 @@ class SlurmCluster:
             while self.client_ok("squeue", "--noheader", "--states=PENDING,RUNNING,COMPLETING") and \
                     time.time() < deadline:
                 time.sleep(0.5)
-        for name in reversed(DAEMONS):  # slurmd, slurmctld, then munged they authenticate through
-            if name in self.daemons:
-                end(self.daemons[name])
+        for proc in reversed(self.daemons.values()):  # the slurmd, slurmctld, then munged they authenticate through
+            end(proc)
         for pid in carrying(f"SLURM_CONF={self.conf}"):  # job steps and job processes left behind
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -177,11 +182,12 @@ def carrying(variable: str) -> list[int]:
 
 
 @contextmanager
-def slurm_cluster(cpus: int = 2) -> Iterator[SlurmCluster]:
-    """A running one-node cluster with `cpus` CPUs; stopped (every daemon and job of it) on exit, even on failure.
-    The folder is short (munged's socket path must stay under ~107 characters) and removed at the end."""
+def slurm_cluster(nodes: int = 1, cpus: int = 2) -> Iterator[SlurmCluster]:
+    """A running cluster of `nodes` nodes n1, n2, ... with `cpus` CPUs each; stopped (every daemon and job of it) on
+    exit, even on failure. The folder is short (munged's socket path must stay under ~107 characters) and removed at
+    the end."""
     root = Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))
-    cluster = SlurmCluster(root, cpus)
+    cluster = SlurmCluster(root, nodes, cpus)
     try:
         cluster.start()
         yield cluster

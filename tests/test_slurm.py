@@ -1,7 +1,7 @@
-"""Grids on Slurm (`--parallel slurm`): the batch script and the multi-node launch, then (slow) a real one-node Slurm
-on 127.0.0.1 (tests/slurm_cluster.py) running a tiny CPU grid: one cell cancelled with `scancel` and resubmitted by
-the next grid run, one requeued by its own time-limit trap, both resuming from their last checkpoint; a grid run
-after the end submits nothing."""
+"""Grids on Slurm (`--parallel slurm`): the batch script and the multi-node launch, then (slow) a real two-node Slurm
+on 127.0.0.1 (tests/slurm_cluster.py) running tiny CPU grids: one cell cancelled with `scancel` and resubmitted by
+the next grid run, one requeued by its own time-limit trap, both resuming from their last checkpoint, a grid run
+after the end submitting nothing; and a cell training across both nodes."""
 import csv
 import json
 import subprocess
@@ -62,12 +62,12 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("slurm_grid"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    with slurm_cluster(cpus=4) as c:  # more than the cores: the resubmitted cell need not wait
+    with slurm_cluster(nodes=2, cpus=2) as c:  # 4 CPUs, more than the cores: a resubmitted cell need not wait
         yield c
 
 
@@ -138,3 +138,26 @@ def test_grid_on_slurm_resumes_cells_the_scheduler_killed(ws, tmp_path, cluster)
     assert "3/3 cells done, 0 submitted" in again
     assert {c: (c / "row.json").stat().st_mtime_ns for c in stamps} == stamps
     assert len(list((out / "slurm").glob("submit-*.sh"))) == 2
+
+
+@pytest.mark.slow
+def test_two_node_cell_trains_across_both_nodes(ws, tmp_path, cluster):
+    ddp = REPO / "configs" / "accelerate" / "cpu-ddp.yaml"  # 2 CPU ranks over gloo: one per node here
+    grid = write_grid(ws / "two_nodes.yaml", families="[mambadm]", sizes="[t1]", transitions="[1500]", steps="10",
+                      overrides="[train.ckpt_every=10, train.val_every=10, data.val_shards=2]",
+                      eval="{episodes: 1, actors: 1, args: ['--targets', '3600', '--no-progress']}",
+                      resources=f"{{num_processes: 2, accelerate_config: {ddp}, slurm: {{nodes: 2, cpus_per_node: 1, "
+                                "time: '10:00', poll_s: 1}}")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "mambadm.grid", str(grid), "--out", str(out), "--parallel", "slurm",
+                           "--wait"], cwd=REPO, env=cluster.env | {"MAMBADM_CONFIGS": str(ws / "configs"),
+                                                                   "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=400)
+    cell = out / "cells" / "mambadm-t1-t1500-s0"
+    log = (cell / "train.log").read_text() if (cell / "train.log").is_file() else ""
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + log[-3000:]
+    assert "\n$ srun --ntasks-per-node=1 --cpus-per-task=1" in log and "--node 127.0.0.1" in log
+    assert "node n1: machine rank 0 of 2, main process 127.0.0.1" in log
+    assert "node n2: machine rank 1 of 2, main process 127.0.0.1" in log
+    assert "2 process(es), DistributedType.MULTI_CPU" in log  # one data-parallel run over both nodes
+    assert json.loads((cell / "row.json").read_text())["steps"] == 10

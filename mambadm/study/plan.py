@@ -54,7 +54,7 @@ class GridSlurm:
     requeues: int = 2  # times a cell requeues itself when its time limit is near (0 = never)
     requeue_grace_s: int = 300  # how long before the time limit it does (sbatch --signal=B:USR1@N)
     sbatch_args: list[str] = field(default_factory=list)  # further sbatch options, e.g. [--qos=high, --constraint=a100]
-    setup: list[str] = field(default_factory=list)  # shell lines a job runs first (module load ..., source ...)
+    setup: list[str] = field(default_factory=list)  # shell lines a task runs in the checkout first (module load ...)
     poll_s: float = 30.0  # --wait: seconds between two looks at the queue
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_write_text
 from mambadm.study.cell import REPO, CellFailed, run_cell, train_command
+from mambadm.study.grid import _cell_args, write_results  # grid imports this module only when it runs
 from mambadm.study.plan import Cell
 
 ARGS = ("cell", "cell_dir", "base", "launcher", "eval", "resources")  # run_cell's arguments, as cells.json names them
@@ -107,23 +108,20 @@ def batch_script(grid: Any, out: Path, indices: list[int], keys: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def submit(grid: Any, out: Path, cells: list[Cell], todo: list[int]) -> dict[str, str]:
-    """Submits cells[i] for i in `todo` as one job array; returns {cell key: job}."""
+def submit(grid: Any, out: Path, cells: list[Cell], todo: list[int]) -> str:
+    """Submits cells[i] for i in `todo` as one job array; returns the array's job id (task i is `<id>_<i>`)."""
     folder = out / "slurm"
     n = len(list(folder.glob("submit-*.sh"))) + 1
     script = folder / f"submit-{n:03d}.sh"
     atomic_write_text(script, batch_script(grid, out, todo, [c.key for c in cells]))
     for i in todo:
         (folder / "failed" / f"{cells[i].key}.json").unlink(missing_ok=True)
-    array = slurm("sbatch", "--parsable", str(script)).strip().split(";")[0]
-    return {cells[i].key: f"{array}_{i}" for i in todo}
+    return slurm("sbatch", "--parsable", str(script)).strip().split(";")[0]  # `id` or `id;cluster`
 
 
 def run_slurm(grid: Any, grid_file: Path, out: Path, cells: list[Cell], wait: bool = False) -> list[CellFailed]:
     """Submits the cells that are neither done nor queued; with `wait`, follows every queued cell to its end and
     returns the cells that ended without being done."""
-    from mambadm.study.grid import _cell_args, write_results  # grid imports this module when it runs
-
     folder = out / "slurm"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     (folder / "failed").mkdir(exist_ok=True)
@@ -133,31 +131,35 @@ def run_slurm(grid: Any, grid_file: Path, out: Path, cells: list[Cell], wait: bo
     jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
     try:
         states = queue()
-        queued = {k for k, job in jobs.items() if states.get(job, "COMPLETED") not in ENDED}
+        queued = [c.key for c in cells if states.get(jobs.get(c.key, ""), "COMPLETED") not in ENDED]
         todo = [i for i, c in enumerate(cells) if not done(out, c) and c.key not in queued]
         if todo:
-            jobs |= submit(grid, out, cells, todo)
+            array = submit(grid, out, cells, todo)
+            jobs |= {cells[i].key: f"{array}_{i}" for i in todo}
             atomic_write_text(jobs_file, json.dumps(jobs, indent=1) + "\n")
     except SlurmError as e:
         raise SystemExit(f"grid: {e}") from None
-    followed = sorted(queued & {c.key for c in cells}) + [cells[i].key for i in todo]
     print(f"grid: {sum(done(out, c) for c in cells)}/{len(cells)} cells done, {len(todo)} submitted"
-          + (f" (job {jobs[cells[todo[0]].key].split('_')[0]})" if todo else "")
-          + f", {len(followed) - len(todo)} still queued or running from before")
+          + (f" as job array {array}" if todo else "") + f", {len(queued)} still queued or running from before")
+    followed = {k: jobs[k] for k in queued + [cells[i].key for i in todo]}
     if not wait:
         if followed:
-            print(f"grid: `squeue --me` shows them; rerun the grid to collect results (or add --wait)")
+            print("grid: `squeue --me` shows them; rerun the grid to collect the results (or add --wait)")
         return []
-    return follow(grid, out, cells, {k: jobs[k] for k in followed}, write_results)
+    try:
+        return follow(grid, out, cells, followed)
+    except KeyboardInterrupt:
+        print("\ngrid: stopped following; the jobs go on (rerun the grid to follow them again)", file=sys.stderr)
+        return []
 
 
 def done(out: Path, cell: Cell) -> bool:
     return (out / "cells" / cell.key / "row.json").is_file()
 
 
-def follow(grid: Any, out: Path, cells: list[Cell], jobs: dict[str, str], write_results: Any) -> list[CellFailed]:
+def follow(grid: Any, out: Path, cells: list[Cell], jobs: dict[str, str]) -> list[CellFailed]:
     """Polls the queue until none of `jobs` ({cell key: job}) is queued or running, rewriting results.csv as cells
-    finish; returns the cells that ended without row.json (a failed stage, or the job's final state)."""
+    finish; returns the cells that ended without row.json (a failed stage, or the job's last state)."""
     last: dict[str, str] = {}
     finished = sum(done(out, c) for c in cells)
     with tqdm(total=len(cells), initial=finished, desc="grid (slurm)", unit="cell") as bar:
@@ -194,9 +196,9 @@ def follow(grid: Any, out: Path, cells: list[Cell], jobs: dict[str, str], write_
 
 
 def node_train_command(spec: dict[str, Any], head: str, env: dict[str, str]) -> list[str]:
-    """The cell's `accelerate launch` on one node of a multi-node job (`head`: the node running the batch script,
-    the allocation's first): the local command with Accelerate's multi-node flags before `-m mambadm.train` (on the
-    command line they win over `--num_machines 1` and over a config file's values)."""
+    """The cell's `accelerate launch` on one node of a multi-node job (`head`: the address of the node running the
+    batch script, the allocation's first): the local command with Accelerate's multi-node flags before
+    `-m mambadm.train` (on the command line they win over `--num_machines 1` and over a config file's values)."""
     resources = spec["resources"]
     cmd = train_command(spec["launcher"], Path(spec["base"]), spec["cell"]["overrides"],
                         int(resources["num_processes"]), resources["accelerate_config"] or None)
@@ -204,6 +206,12 @@ def node_train_command(spec: dict[str, Any], head: str, env: dict[str, str]) -> 
     machine = ["--num_machines", env["SLURM_JOB_NUM_NODES"], "--machine_rank", env["SLURM_NODEID"],
                "--main_process_ip", head, "--main_process_port", str(20000 + int(env["SLURM_JOB_ID"]) % 20000)]
     return cmd[:at] + machine + cmd[at:]
+
+
+def node_address(name: str) -> str:
+    """The address Slurm reaches node `name` at (its NodeAddr, which is the name itself unless set apart)."""
+    fields = (f.split("=", 1) for f in slurm("scontrol", "--oneliner", "show", "node", name).split() if "=" in f)
+    return dict(fields).get("NodeAddr", name)
 
 
 def run_task(cells_json: Path, key: str) -> int:
@@ -217,8 +225,9 @@ def run_task(cells_json: Path, key: str) -> int:
     train_cmd = None
     if nodes > 1:  # every node runs the per-node launch below; evaluation then runs here only
         cpus = spec["resources"]["slurm"]["cpus_per_node"]
+        head = node_address(os.environ["SLURMD_NODENAME"])  # this node, the allocation's first
         train_cmd = ["srun", "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", sys.executable,
-                     "-m", "mambadm.study.slurm", str(cells_json), key, "--node", os.environ["SLURMD_NODENAME"]]
+                     "-m", "mambadm.study.slurm", str(cells_json), key, "--node", head]
     try:
         run_cell(spec["cell"], Path(spec["cell_dir"]), Path(spec["base"]), spec["launcher"], spec["eval"],
                  spec["resources"], train_cmd=train_cmd)
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.node:
         cmd = node_train_command(json.loads(args.cells.read_text())[args.key], args.node, dict(os.environ))
+        print(f"mambadm: node {os.environ.get('SLURMD_NODENAME')}: machine rank {os.environ['SLURM_NODEID']} of "
+              f"{os.environ['SLURM_JOB_NUM_NODES']}, main process {args.node}", flush=True)
         os.chdir(REPO)
         os.execv(cmd[0], cmd)
     return run_task(args.cells, args.key)
