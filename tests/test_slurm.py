@@ -1,7 +1,7 @@
 """Grids on Slurm (`--parallel slurm`): the batch script and the multi-node launch, then (slow) a real two-node Slurm
 on 127.0.0.1 (tests/slurm_cluster.py) running tiny CPU grids: one cell cancelled with `scancel` and resubmitted by
 the next grid run, one requeued by its own time-limit trap, both resuming from their last checkpoint, a grid run
-after the end submitting nothing; and a cell training across both nodes."""
+after the end submitting nothing; a cell training across both nodes; a failed stage reported with its log."""
 import csv
 import json
 import subprocess
@@ -161,3 +161,19 @@ def test_two_node_cell_trains_across_both_nodes(ws, tmp_path, cluster):
     assert "node n2: machine rank 1 of 2, main process 127.0.0.1" in log
     assert "2 process(es), DistributedType.MULTI_CPU" in log  # one data-parallel run over both nodes
     assert json.loads((cell / "row.json").read_text())["steps"] == 10
+
+
+@pytest.mark.slow
+def test_failed_stage_is_reported_with_its_log(ws, tmp_path, cluster):
+    grid = write_grid(ws / "failing.yaml", families="[dt]", sizes="[t1]", transitions="[1500]", steps="3",
+                      launcher="python", eval="{episodes: 1, actors: 1, args: ['--mode', 'sideways']}",
+                      resources="{slurm: {cpus_per_node: 1, time: '10:00', poll_s: 1}}")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "mambadm.grid", str(grid), "--out", str(out), "--parallel", "slurm",
+                           "--wait"], cwd=REPO, env=cluster.env | {"MAMBADM_CONFIGS": str(ws / "configs")},
+                          capture_output=True, text=True, timeout=300)
+    cell = out / "cells" / "dt-t1-t1500-s0"
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cell {cell.name}: evaluation failed with exit code 2; log: {cell / 'eval.log'}" in done.stderr
+    assert json.loads((out / "slurm" / "failed" / f"{cell.name}.json").read_text())["stage"] == "evaluation"
+    assert (cell / "train.done").is_file() and not (cell / "row.json").exists()
