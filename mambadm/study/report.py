@@ -110,7 +110,7 @@ def commands_section(out: Path, rows: list[dict], analysis_command: list[str] | 
         cmd = first_command(out / "cells" / rows[0]["cell"] / log) if rows else None
         if cmd:
             cmds.append(cmd + f"    # first cell, {log}")
-    if (out / "scaling.md").is_file():
+    if (out / "scaling.md").is_file() and "scaling" not in " ".join(analysis_command or []):
         cmds.append(f"python -m mambadm.study.scaling {out / 'results.csv'}")
     if analysis_command:
         cmds.append(" ".join(analysis_command))

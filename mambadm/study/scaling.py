@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.results.parent
     print(summary_markdown(result))
     print(f"wrote {out / 'scaling.md'}, {out / 'scaling.json'}, {out / result['figure']}")
+    from mambadm.study.report import write_report  # the study's report gathers this analysis too
+
+    command = ["python -m mambadm.study.scaling", *(argv if argv is not None else sys.argv[1:])]
+    print("wrote " + ", ".join(str(p) for p in write_report(out, analysis_command=command)))
     return 0
 
 
