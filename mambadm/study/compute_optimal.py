@@ -11,8 +11,8 @@ Two of Hoffmann et al.'s (2022) three methods, per family (each number in the ou
 - **isoFLOP profiles**: the cells of one FLOP budget C (the isoflop grid rule's cell keys `...-c<C>-s<seed>`; other
   grids: cells whose FLOPs agree within 25%) give log L vs log N, fitted by a parabola; its minimum is N*(C). Then
   log N*(C) = log G + a log C by least squares over the budgets whose profile is informative (curved upwards with
-  95% confidence, the minimum and its interval inside the sampled sizes); D*(C) = C / flops_per_token(N*) tokens, flops_per_token(N) a
-  power law fitted to the cells' FLOPs / tokens.
+  95% confidence, the minimum and its interval inside the sampled sizes); D*(C) = C / flops_per_token(N*)
+  tokens, flops_per_token(N) a power law fitted to the cells' FLOPs / tokens.
 - **parametric**: L(N, D) = E + A/N^alpha + B/D^beta, Huber loss (delta = 1e-3) on log residuals, L-BFGS-B from a grid
   of starts (the best wins). With C = kappa·N·D (kappa: the cells' median FLOPs / (N · tokens)) the frontier is
   N*(C) = G (C/kappa)^(beta/(alpha+beta)), D*(C) = (C/kappa) / N*(C).
@@ -412,7 +412,8 @@ def analyse(csv_path: Path, loss: str = "best_val_loss", n_boot: int = 200, seed
         parametric = {k: parametric_analysis(cells, k, n_boot, rng) for k in kinds}
         epochs = cells.tokens / (TOKENS_PER_STEP * cells.transitions)
         fam = {"cells": int(cells.n.size), "sizes": sorted(set(cells.n.tolist())),
-               "budgets": sorted(set(cells.budget.tolist())), "epochs_range": [float(epochs.min()), float(epochs.max())],
+               "budgets": sorted(set(cells.budget.tolist())),
+               "epochs_range": [float(epochs.min()), float(epochs.max())],
                "isoflop": iso, "parametric": parametric,
                "leave_largest_out": leave_largest_out(cells, kinds[0] if kinds else None, iso)}
         if plan_budget:
