@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.atomic import atomic_write_text
+from mambadm.study.tracking import log_cell, tracked
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_COLUMNS = ("cell", "family", "size", "seed", "params", "non_embedding_params", "transitions", "steps",
@@ -157,6 +158,7 @@ def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, ev
     if marker.is_file():
         return json.loads(marker.read_text())
     cell_dir.mkdir(parents=True, exist_ok=True)
+    cell = tracked(cell, cell_dir)  # its training run: a run named after the cell in the grid's experiment
     atomic_write_text(cell_dir / "plan.json", json.dumps(cell, indent=2) + "\n")
     run_dir = cell_dir / "run"
     export = run_dir / "export"
@@ -195,5 +197,6 @@ def run_cell(cell: dict[str, Any], cell_dir: Path, base: Path, launcher: str, ev
            "wall_time_s": round(train_seconds + eval_seconds, 1), "checkpoint": str(export),
            **dataset_facts(export), "val_settled_step": trained["val_settled_step"]}
     atomic_write_text(marker, json.dumps(row, indent=2) + "\n")
+    log_cell(cell_dir, row)  # coordinates and results into the cell's tracker runs (mambadm/study/tracking.py)
     return row
 
