@@ -19,7 +19,7 @@ from data_pipeline.episode import Episode
 
 FORMAT_VERSION = 2  # index.json's format_version for shards of these samples
 ARRAYS = ("obs", "actions", "rewards", "rtg", "timesteps")  # member <name>.npy.zst of every sample
-ZSTD_LEVEL = 1  # docs/data.md, "Sharding": level 1 against the others, measured on collected Breakout frames
+ZSTD_LEVEL = -1  # docs/data.md, "Sharding": against the other levels, measured on collected Breakout frames
 
 
 def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         t = index["totals"]
         print(f"wrote {len(index['shards'])} shards ({t['samples']} samples, {t['transitions']} transitions, "
               f"{t['episodes']} episodes, {t['bytes'] / 1e6:.1f} MB) from {len(jobs)} units in "
-              f"{sharding_seconds:.2f} s of sharding with {args.workers} worker(s), and {output / 'index.json'}")
+              f"{sharding_seconds:.3f} s of sharding with {args.workers} worker(s), and {output / 'index.json'}")
     if args.verify:
         if not (output / "index.json").exists():
             print(f"shard.py: error: {output / 'index.json'} not found: nothing to verify", file=sys.stderr)

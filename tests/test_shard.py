@@ -13,6 +13,7 @@ import h5py
 import pytest
 
 from data_pipeline.collect_mujoco import collect_mujoco
+from data_pipeline.episode_sample import ZSTD_LEVEL
 from data_pipeline.formats.d4rl import DTYPES, write_d4rl
 from data_pipeline.shard_unit import DELAY_ENV
 
@@ -123,7 +124,7 @@ def test_dqn_replay_source_round_trip(tmp_path):
     assert index["env_spec"]["obs_kind"] == "atari" and index["env_spec"]["obs_shape"] == [4, 84, 84]
     assert index["env_spec"]["discrete"] and index["eval_env"] == {"kind": "atari", "game": "Breakout"}
     assert index["format_version"] == 2 and index["state_mean"] is None
-    assert index["encoding"] == {"sample": "episode", "codec": "zstd", "zstd_level": 1}
+    assert index["encoding"] == {"sample": "episode", "codec": "zstd", "zstd_level": ZSTD_LEVEL}
     assert index["totals"]["transitions"] == sum(len(ep) for ep in episodes)
     units = dqn_replay.list_units(root)
     assert len(units) >= 2 and len(episodes) >= 6
