@@ -8,8 +8,9 @@ docs/training.md. In short:
   version-1 folder fails at once, naming the re-shard command). The loader decodes an episode once and cuts K-step
   windows from it: Atari frames stacked at load time (zeros before the episode start), vector states normalised
   with the index's ``state_mean`` / ``state_std`` (+1e-6), returns-to-go divided by ``data.rtg_scale``, windows cut
-  by the episode end right-padded + masked. A window stays a reference (episode, start) through the shuffle
-  buffer; ``collate`` copies its steps once, straight into the batch.
+  by the episode end right-padded + masked. Training windows are drawn from a pool of decoded episodes holding
+  ``data.shuffle_buffer`` windows still to serve, which mixes them across episodes; a window stays a reference
+  (episode, start) until ``collate`` copies its steps, once, straight into the batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
   validation is an exact, finite pass in which every step of every validation shard starts one window.
 * Shards are split explicitly per rank (``split_by_rank``) and per DataLoader worker (``wds.split_by_worker``).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ class WindowMaker:
 
     ``window`` is the readable definition of one window; ``collate`` writes the same numbers straight into the
     batch tensors (tested against each other), so a window's frames are copied once, from the decoded episode into
-    the batch, and the shuffle buffer holds references to decoded episodes instead of copies."""
+    the batch."""
 
     def __init__(self, index: dict, data_cfg: Any):
         spec = index["env_spec"]
@@ -219,16 +219,37 @@ class WindowMaker:
             for start in range(len(episode["actions"])):
                 yield episode, start
 
-    def random_windows(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[tuple[dict, int]]:
-        """Training: about ``WINDOWS_PER_STEP`` random starts per step of each decoded episode (stochastic
-        rounding)."""
-        for sample in samples:
-            episode = decode(sample)
-            steps = len(episode["actions"])
-            expected = steps * WINDOWS_PER_STEP
-            count = int(expected) + int(rng.random() < expected - int(expected))
-            for start in rng.integers(0, steps, size=count):
-                yield episode, int(start)
+    def random_windows(self, samples: Iterator[dict], rng: np.random.Generator,
+                       pool_windows: int) -> Iterator[tuple[dict, int]]:
+        """Training: windows drawn from a pool of decoded episodes. An episode of T steps serves
+        ``WINDOWS_PER_STEP * T`` windows (stochastic rounding), each from a uniform random start, so sampling stays
+        uniform over transitions; every window comes from an episode chosen uniformly from the pool, which is
+        refilled from the shard stream whenever fewer than ``pool_windows`` windows are left to serve (the shuffle
+        buffer's size, counted in windows not yet cut). An episode leaves the pool when its windows are served."""
+        pool: list[list] = []  # [episode, windows it still serves]
+        pending = 0
+        samples = iter(samples)
+        while True:
+            while pending < pool_windows or not pool:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                episode = decode(sample)
+                expected = len(episode["actions"]) * WINDOWS_PER_STEP
+                count = int(expected) + int(rng.random() < expected - int(expected))
+                if count:
+                    pool.append([episode, count])
+                    pending += count
+            if not pool:
+                return
+            i = int(rng.integers(len(pool)))
+            episode = pool[i][0]
+            yield episode, int(rng.integers(len(episode["actions"])))
+            pending -= 1
+            pool[i][1] -= 1
+            if not pool[i][1]:
+                pool[i] = pool[-1]
+                pool.pop()
 
     def collate(self, windows: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
         """Writes windows into a batch (the fast path of ``window``). Atari frames stay unstacked, "frames"
@@ -314,10 +335,7 @@ class WindowStream(IterableDataset):
             stages.append(self.maker.all_windows)
         else:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.rank, worker])
-            stages.append(lambda samples: self.maker.random_windows(samples, rng))
-            if self.shuffle_buffer > 1:
-                stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                          rng=random.Random(stream_seed(self.seed, self.rank, worker))))
+            stages.append(lambda samples: self.maker.random_windows(samples, rng, self.shuffle_buffer))
         return iter(wds.DataPipeline(*stages))
 
 
