@@ -1,19 +1,23 @@
 """Loader throughput: shard format version 2 against version 1 on the same data, and against what training consumes.
 
-    python benchmarks/bench_loader.py [--transitions 20000] [--hopper-transitions 20000] [--batches 40]
+    python benchmarks/bench_loader.py [--transitions 60000] [--hopper-transitions 20000] [--batches 40]
         [--repeats 2] [--mixing-batches 100] [--configs default paper demo] [--steps 5] [--work DIR]
 
-Data: Breakout and Hopper collected by the project's collectors (``collect.py`` defaults) and sharded by
-``shard.py`` with ``--shard-transitions 2000``, once by this checkout (version 2) and once by the sharder of
-``bench_shard.V1_COMMIT`` (version 1, chunked and uncompressed, extracted with ``git archive``).
+Data: Breakout (by default the demo's 60,000 steps) and Hopper collected by the project's collectors
+(``collect.py`` defaults) and sharded by ``shard.py`` with ``--shard-transitions 2000``, once by this checkout
+(version 2) and once by the sharder of ``bench_shard.V1_COMMIT`` (version 1, chunked and uncompressed, extracted
+with ``git archive``).
 
-Formats table: windows/s of one DataLoader worker of the training stream (random windows, shuffle buffer, frame
+Formats table: windows/s of one DataLoader worker of the training stream (random windows, shuffling, frame
 stacking, collation) at the papers' configs (Breakout: configs/data/breakout.yaml, K = 30, batch 128; Hopper:
 configs/data/hopper-medium.yaml, K = 20, batch 64), timed over ``--batches`` after the shuffle buffer has filled,
-version 1's loader (``mambadm/data.py`` of that commit) and this one alternating, best of ``--repeats``; the worker's
-peak RSS (VmHWM, which counts the pages it shares with the main process since the fork). Bound: the bytes a window
-must be written (its K + 3 frames into the batch) at this machine's memory copy rate, plus the frames decoded per
-window (1 / WINDOWS_PER_STEP) at the zstd decompression rate of these shards, both measured in the same run.
+version 1's loader (``mambadm/data.py`` of that commit) and this one alternating, best of ``--repeats``; the
+worker's CPU time per window over the same batches (less disturbed by other jobs than wall time) and its peak RSS
+(VmHWM, which counts the pages it shares with the main process since the fork). Bound: the bytes a window must be
+written (its K + 3 frames into the batch) at this machine's memory copy rate, plus the frames decoded per window
+(1 / WINDOWS_PER_STEP) at the zstd decompression rate of these shards; and the same with the write rate into new
+shared memory, where a worker must put every batch it hands over (page faults included); all measured in the same
+run.
 Mixing: over ``--mixing-batches`` batches of the same stream, the mean share of a batch's windows that come from
 its most common episode, and the mean number of episodes in a batch.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import shutil
 import statistics
@@ -78,19 +83,25 @@ def v1_loader_module(tree: Path):
     return module
 
 
-def loader_rate(loader, batches: int, warmup: int) -> tuple[float, float]:
-    """Windows/s of a training loader, timed over ``batches`` batches after ``warmup`` ones, and the peak RSS (MiB)
-    of its first worker process."""
+def loader_rate(loader, batches: int, warmup: int) -> tuple[float, float, float]:
+    """Windows/s of a training loader with one worker, timed over ``batches`` batches after ``warmup`` ones; the
+    worker's CPU seconds (user + system) per window over the same batches, and its peak RSS (MiB)."""
     stream = iter(loader)
     for _ in range(warmup):
         next(stream)
-    start = time.perf_counter()
+    proc = Path(f"/proc/{stream._workers[0].pid}")
+
+    def cpu_seconds() -> float:
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    start, cpu = time.perf_counter(), cpu_seconds()
     windows = sum(len(next(stream)["actions"]) for _ in range(batches))
-    rate = windows / (time.perf_counter() - start)
-    status = Path(f"/proc/{stream._workers[0].pid}/status").read_text()
-    rss = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+    rate, cpu = windows / (time.perf_counter() - start), (cpu_seconds() - cpu) / windows
+    rss = int(next(line for line in (proc / "status").read_text().splitlines()
+                   if line.startswith("VmHWM")).split()[1]) / 1024
     del stream  # shuts the workers down
-    return rate, rss
+    return rate, cpu, rss
 
 
 def tag_episodes(loader, version: str):
@@ -119,10 +130,19 @@ def mixing(loader, batches: int, warmup: int) -> tuple[float, float]:
     return float(np.mean(top)), float(np.mean(distinct))
 
 
-def copy_rate() -> float:
-    """Bytes/s of copying a 256 MiB array into another (this machine's memory copy rate), best of 3."""
+def write_rates() -> tuple[float, float]:
+    """Bytes/s of copying a 256 MiB array into another (this machine's memory copy rate) and of writing a batch of
+    frames (128 x 33 x 84 x 84 bytes) into new shared memory, the way a loader worker must hand each batch over (the
+    page faults included); best of 3 each."""
     src, dst = np.ones(256 << 20, np.uint8), np.empty(256 << 20, np.uint8)
-    return src.nbytes / min(timed(lambda: np.copyto(dst, src)) for _ in range(3))
+    copy = src.nbytes / min(timed(lambda: np.copyto(dst, src)) for _ in range(3))
+    shape = (128, 33, 84, 84)
+
+    def shared_write() -> None:
+        elem = torch.empty(0, dtype=torch.uint8)
+        elem.new(elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)).resize_(shape).fill_(1)
+
+    return copy, math.prod(shape) / min(timed(shared_write) for _ in range(3))
 
 
 def timed(fn) -> float:
@@ -147,24 +167,22 @@ def zstd_frame_rate(shards: Path) -> tuple[float, int]:
 FORMAT_CONFIGS = {"breakout": "configs/data/breakout.yaml", "hopper": "configs/data/hopper-medium.yaml"}
 
 
-def bench_formats(env: str, transitions: int, work: Path, batches: int, repeats: int, mixing_batches: int) -> str:
+def bench_formats(env: str, transitions: int, work: Path, batches: int, repeats: int,
+                  mixing_batches: int) -> tuple[str, str]:
     tree = v1_tree(work)
     modules = {"v1": v1_loader_module(tree), "v2": D}
     shards = {"v1": make_shards(work, env, transitions, tree), "v2": make_shards(work, env, transitions)}
     cfg = load_config(REPO / FORMAT_CONFIGS[env], [f"data.shards={shards['v2']}"])
     k, batch = int(cfg.data.context_len), int(cfg.data.batch_size)
     warmup = -(-int(cfg.data.shuffle_buffer) // batch) + 2  # fill the shuffle buffer first
-    rates: dict[str, list[float]] = {"v1": [], "v2": []}
-    rss: dict[str, list[float]] = {"v1": [], "v2": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"v1": [], "v2": []}
     mixed = {}
     for _ in range(repeats):
         for version, module in modules.items():
             index = module.read_index(shards[version])
             train, _ = module.select_shards(index, cfg.data)
             loader = module.make_loader(train, index, cfg.data, 0, 1, seed=0, exact=False, num_workers=1)
-            rate, peak = loader_rate(loader, batches, warmup)
-            rates[version].append(rate)
-            rss[version].append(peak)
+            runs[version].append(loader_rate(loader, batches, warmup))
             if version not in mixed:
                 loader = module.make_loader(train, index, cfg.data, 0, 1, seed=0, exact=False, num_workers=0)
                 mixed[version] = mixing(tag_episodes(loader, version), mixing_batches, warmup)
@@ -173,31 +191,26 @@ def bench_formats(env: str, transitions: int, work: Path, batches: int, repeats:
     zstd_rate, obs_bytes = zstd_frame_rate(shards["v2"])
     frames = k + int(cfg.data.frame_stack) - 1 if env == "breakout" else k
     window_bytes, decoded_bytes = frames * obs_bytes, obs_bytes / D.WINDOWS_PER_STEP
-    bound = 1 / (window_bytes / copy_rate() + decoded_bytes / zstd_rate)
-    best = {v: max(r) for v, r in rates.items()}
-    return (f"| {env} | {k} | {batch} | {bytes_per['v1']:,.0f} | {bytes_per['v2']:,.0f} | {best['v1']:,.0f} | "
-            f"{best['v2']:,.0f} | {best['v2'] / best['v1']:.2f} | {bound:,.0f} ({window_bytes / 1e3:.0f} kB "
-            f"written + {decoded_bytes / 1e3:.0f} kB decoded per window) | {best['v2'] / bound:.2f} | "
-            f"{min(rss['v1']):.0f} | {min(rss['v2']):.0f} | {mixed['v1'][0]:.3f} / {mixed['v1'][1]:.1f} | "
-            f"{mixed['v2'][0]:.3f} / {mixed['v2'][1]:.1f} |")
+    copy, shared = write_rates()
+    bound, shared_bound = (1 / (window_bytes / rate + decoded_bytes / zstd_rate) for rate in (copy, shared))
+    rate = {v: max(r[0] for r in rs) for v, rs in runs.items()}
+    cpu = {v: min(r[1] for r in rs) * 1e6 for v, rs in runs.items()}
+    rss = {v: min(r[2] for r in rs) for v, rs in runs.items()}
+    return (f"| {env} | {k} | {batch} | {bytes_per['v1']:,.0f} | {bytes_per['v2']:,.0f} | {rate['v1']:,.0f} | "
+            f"{rate['v2']:,.0f} | {rate['v2'] / rate['v1']:.2f} | {cpu['v1']:.0f} | {cpu['v2']:.0f} | "
+            f"{cpu['v1'] / cpu['v2']:.2f} | {bound:,.0f} / {shared_bound:,.0f} | {rate['v2'] / bound:.2f} / "
+            f"{rate['v2'] / shared_bound:.2f} | {rss['v1']:.0f} | {rss['v2']:.0f} | "
+            f"{mixed['v1'][0]:.3f} / {mixed['v1'][1]:.1f} | {mixed['v2'][0]:.3f} / {mixed['v2'][1]:.1f} |",
+            f"window {window_bytes / 1e3:.1f} kB written + {decoded_bytes / 1e3:.1f} kB decoded; memory copy "
+            f"{copy / 1e9:.2f} GB/s, write into new shared memory {shared / 1e9:.2f} GB/s, zstd decompression "
+            f"{zstd_rate / 1e9:.2f} GB/s")
 
 
-FORMATS_HEADER = ("| data | K | batch | v1 bytes/step | v2 bytes/step | v1 windows/s (1 worker) | v2 windows/s "
-                  "(1 worker) | v2 / v1 | v2 bound windows/s | v2 / bound | v1 worker peak RSS MiB | v2 worker "
-                  "peak RSS MiB | v1 mixing: top-episode share / episodes per batch | v2 mixing |\n"
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def train_seconds(model, optim_cfg, batches: list[dict], warmup: int = 2) -> float:
-    """Median seconds of a full training step (forward, loss, backward, AdamW step) over ``batches[warmup:]``."""
-    opt = make_optimizer(model, optim_cfg)
-    model.train()
-    times = []
-    for i, batch in enumerate(batches):
-        seconds = train_step(model, opt, batch)
-        if i >= warmup:
-            times.append(seconds)
-    return statistics.median(times)
+FORMATS_HEADER = ("| data | K | batch | v1 bytes/step | v2 bytes/step | v1 windows/s | v2 windows/s | v2 / v1 "
+                  "| v1 worker CPU µs/window | v2 worker CPU µs/window | v1 / v2 CPU "
+                  "| v2 bound windows/s: memory copy / new shared memory | v2 / bound | v1 worker peak RSS MiB "
+                  "| v2 worker peak RSS MiB | v1 mixing: top-episode share / episodes per batch | v2 mixing |\n"
+                  + "|---" * 17 + "|")
 
 
 def bench_config(name: str, shards: Path, batches: int, steps: int) -> str:
@@ -224,7 +237,7 @@ def bench_config(name: str, shards: Path, batches: int, steps: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transitions", type=int, default=20_000, help="Breakout steps to collect")
+    p.add_argument("--transitions", type=int, default=60_000, help="Breakout steps to collect")
     p.add_argument("--hopper-transitions", type=int, default=20_000, help="Hopper steps to collect (0: none)")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--batches", type=int, default=40, help="loader batches timed per measurement")
@@ -239,8 +252,12 @@ def main() -> None:
               f"{V1_COMMIT[:8]}\n\n{FORMATS_HEADER}")
         envs = [("breakout", args.transitions)] + ([("hopper", args.hopper_transitions)] if args.hopper_transitions
                                                    else [])
+        notes = []
         for env, transitions in envs:
-            print(bench_formats(env, transitions, work, args.batches, args.repeats, args.mixing_batches), flush=True)
+            row, note = bench_formats(env, transitions, work, args.batches, args.repeats, args.mixing_batches)
+            print(row, flush=True)
+            notes.append(f"{env}: {note}")
+        print("\n" + "\n".join(notes))
         if args.configs:
             print("\n| config | K | batch | model (params) | loader windows/s, 1 worker | loader windows/s, 2 workers "
                   "| training samples/s | ratio, 1 worker | ratio, 2 workers |\n|---|---|---|---|---|---|---|---|---|")

@@ -14,7 +14,8 @@ work folder and run from there; version 2 is this checkout's. Every pair runs si
    number of frames, sharded with ``--workers 1`` by both versions. Frames/s are over shard.py's own sharding phase
    (the unit through the worker, without interpreter start-up and the dataset description); peak RSS is the
    process's VmHWM. The bound of version 2 is the work it cannot avoid, timed on the same frames in the same run:
-   isal decompression of the checkpoint + zstd compression (the shards' level) of the decompressed frames.
+   isal decompression of the checkpoint + zstd compression (the shards' level) of the decompressed frames; the
+   DQN-Replay reader alone (decompression + cutting episodes) is timed beside it.
 3. ``--workers-input STEPS UNITS``: 1 vs 2 workers (version 2) on Breakout of STEPS agent steps in UNITS checkpoints:
    wall time and the sharding phase.
 ``--work DIR`` keeps the collected inputs (and the extracted version-1 tree) there for the next run.
@@ -153,8 +154,9 @@ THROUGHPUT_HEADER = ("| input | steps | v1 steps/s | v2 steps/s | v2 / v1 | v2 b
                      "| v1 peak RSS MiB | v2 peak RSS MiB | v1 MB | v2 MB |\n" + "|---" * 11 + "|")
 
 
-def v2_bound_seconds(root: Path) -> tuple[float, float]:
-    """Seconds of isal decompression of the checkpoints' frame files and of zstd compression of their frames."""
+def v2_bound_seconds(root: Path) -> tuple[float, float, float]:
+    """Seconds of isal decompression of the checkpoints' frame files, of zstd compression of their frames, and of
+    the DQN-Replay reader alone (decompression + cutting the episodes, no output)."""
     import numpy as np
     from isal import igzip
 
@@ -172,7 +174,8 @@ def v2_bound_seconds(root: Path) -> tuple[float, float]:
     frames = [ep.observations for u in dqn_replay.list_units(root) for ep in dqn_replay.read_unit(u)]
     compressor = make_compressor()
     compress = best_of(lambda: [compressor.compress(np.ascontiguousarray(f)) for f in frames])
-    return best_of(decompress), compress
+    read = best_of(lambda: [len(ep) for u in dqn_replay.list_units(root) for ep in dqn_replay.read_unit(u)])
+    return best_of(decompress), compress, read
 
 
 def bench_throughput(work: Path, d4rl_sizes: list[int], atari_sizes: list[int], repeats: int,
@@ -185,11 +188,12 @@ def bench_throughput(work: Path, d4rl_sizes: list[int], atari_sizes: list[int], 
     if "dqn-replay" in sources:
         for n in atari_sizes:
             root = collected_atari(work, n, n + 10_000)
-            decompress, compress = v2_bound_seconds(root)
+            decompress, compress, read = v2_bound_seconds(root)
             runs = both_versions("dqn-replay", root, work, repeats)
             lines += version_rows(f"Breakout, one checkpoint of {n:,} frames", n, runs, decompress + compress)
             lines.append(f"| (bound of the row above: isal decompression {n / decompress:,.0f} frames/s, zstd "
-                         f"compression {n / compress:,.0f} frames/s) | | | | | | | | | | |")
+                         f"compression {n / compress:,.0f} frames/s; the reader alone {n / read:,.0f} frames/s) "
+                         f"| | | | | | | | | | |")
     return lines
 
 

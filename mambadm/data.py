@@ -9,7 +9,7 @@ docs/training.md. In short:
   windows from it: Atari frames stacked at load time (zeros before the episode start), vector states normalised
   with the index's ``state_mean`` / ``state_std`` (+1e-6), returns-to-go divided by ``data.rtg_scale``, windows cut
   by the episode end right-padded + masked. Training windows are drawn from a pool of decoded episodes holding
-  ``data.shuffle_buffer`` windows still to serve, which mixes them across episodes; a window stays a reference
+  ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across episodes; a window stays a reference
   (episode, start) until ``collate`` copies its steps, once, straight into the batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
   validation is an exact, finite pass in which every step of every validation shard starts one window.
@@ -143,6 +143,15 @@ def load_npy_zst(data: bytes, decompressor: zstandard.ZstdDecompressor, where: s
     return np.frombuffer(raw, dtype, count, buf.tell()).reshape(shape)
 
 
+def episode_length(sample: dict) -> int:
+    """The episode length a shard sample's ``meta.json`` records."""
+    try:
+        return int(json.loads(sample["meta.json"])["episode_length"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}: meta.json without a valid "
+                        f"episode_length ({e!r})") from None
+
+
 def decode(sample: dict) -> dict:
     """One shard sample (one whole episode) -> ``obs``, ``actions``, ``rtg``, ``timesteps`` arrays + ``meta``."""
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}"
@@ -221,35 +230,48 @@ class WindowMaker:
 
     def random_windows(self, samples: Iterator[dict], rng: np.random.Generator,
                        pool_windows: int) -> Iterator[tuple[dict, int]]:
-        """Training: windows drawn from a pool of decoded episodes. An episode of T steps serves
-        ``WINDOWS_PER_STEP * T`` windows (stochastic rounding), each from a uniform random start, so sampling stays
-        uniform over transitions; every window comes from an episode chosen uniformly from the pool, which is
-        refilled from the shard stream whenever fewer than ``pool_windows`` windows are left to serve (the shuffle
-        buffer's size, counted in windows not yet cut). An episode leaves the pool when its windows are served."""
-        pool: list[list] = []  # [episode, windows it still serves]
-        pending = 0
+        """Training: windows drawn from a pool of decoded episodes. An episode of T steps read from the shard stream
+        serves ``WINDOWS_PER_STEP * T`` windows (stochastic rounding), each from a uniform random start, so sampling
+        stays uniform over transitions; every window comes from an episode chosen uniformly from the pool. The pool
+        is refilled from the shard stream while its episodes hold fewer than ``pool_windows / WINDOWS_PER_STEP``
+        steps (the data a shuffle buffer of ``pool_windows`` windows draws from) and fewer than ``10 * pool_windows``
+        windows are left to serve. An episode read again while in the pool (the shards are resampled) adds its
+        windows to the decoded copy. An episode leaves the pool when its windows are served."""
+        pool: list[list] = []  # [key, episode, windows it still serves]
+        where: dict[tuple, int] = {}  # key -> position in pool
+        pending = held = 0
         samples = iter(samples)
         while True:
-            while pending < pool_windows or not pool:
+            while (held < pool_windows / WINDOWS_PER_STEP and pending < 10 * pool_windows) or not pool:
                 sample = next(samples, None)
                 if sample is None:
                     break
-                episode = decode(sample)
-                expected = len(episode["actions"]) * WINDOWS_PER_STEP
+                key = (sample.get("__url__"), sample.get("__key__"))
+                expected = episode_length(sample) * WINDOWS_PER_STEP
                 count = int(expected) + int(rng.random() < expected - int(expected))
-                if count:
-                    pool.append([episode, count])
-                    pending += count
+                if not count:
+                    continue
+                if key in where:
+                    pool[where[key]][2] += count
+                else:
+                    where[key] = len(pool)
+                    pool.append([key, decode(sample), count])
+                    held += len(pool[-1][1]["actions"])
+                pending += count
             if not pool:
                 return
             i = int(rng.integers(len(pool)))
-            episode = pool[i][0]
+            episode = pool[i][1]
             yield episode, int(rng.integers(len(episode["actions"])))
             pending -= 1
-            pool[i][1] -= 1
-            if not pool[i][1]:
-                pool[i] = pool[-1]
-                pool.pop()
+            pool[i][2] -= 1
+            if not pool[i][2]:
+                held -= len(episode["actions"])
+                del where[pool[i][0]]
+                last = pool.pop()
+                if i < len(pool):
+                    pool[i] = last
+                    where[last[0]] = i
 
     def collate(self, windows: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
         """Writes windows into a batch (the fast path of ``window``). Atari frames stay unstacked, "frames"

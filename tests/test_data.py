@@ -229,3 +229,29 @@ def test_a_damaged_compressed_member_names_its_shard(breakout, tmp_path, damage)
     loader = D.make_loader([{**shard, "path": str(bad)}], index, cfg, 0, 1, seed=0, exact=True, num_workers=0)
     with pytest.raises(D.DataError, match=f"{bad}: sample e[0-9]+, member obs.npy.zst: damaged compressed member"):
         list(loader)
+
+
+def test_training_windows_are_uniform_over_transitions_and_mixed_across_episodes(hopper):
+    """The pool serves each episode windows in proportion to its length (up to the shards' resampling noise), and a
+    batch mixes several episodes."""
+    index = D.read_index(hopper)
+    cfg = cfg_for(hopper, "data.context_len=4", "data.batch_size=64", "data.shuffle_buffer=100")
+    loader = D.make_loader(index["shards"], index, cfg, 0, 1, seed=3, exact=False, num_workers=0)
+    loader.collate_fn = lambda refs: [(ep["meta"]["episode_id"], ep["meta"]["episode_length"]) for ep, _ in refs]
+    batches = batches_of(loader, 300)
+    counts, lengths = {}, {}
+    for batch in batches:
+        for episode, length in batch:
+            counts[episode] = counts.get(episode, 0) + 1
+            lengths[episode] = length
+    episodes = sorted(counts)
+    assert len(episodes) == index["totals"]["episodes"]  # every episode served
+    share = np.array([counts[e] for e in episodes]) / sum(counts.values())
+    expected = np.array([lengths[e] for e in episodes]) / sum(lengths.values())
+    assert np.abs(share - expected).max() < 0.05, (share, expected)
+    assert np.mean([len({e for e, _ in b}) for b in batches]) >= 3
+
+
+def batches_of(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
