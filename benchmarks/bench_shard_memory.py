@@ -9,8 +9,10 @@ DQN-Replay reader and added, in a cycle, to the project's Dopamine writer (``Log
 until it logs its first checkpoint, of ``size - 1`` rows, exactly as batch_rl logs a full buffer. The writer's
 observation store is file-backed (``np.memmap`` in ``--work``) so that this script does not itself hold 7 GB;
 the checkpoint files are the same. Each checkpoint is then sharded by ``shard.py`` (defaults, ``--workers 1``) in
-a subprocess whose own peak RSS (VmHWM) is reported. Everything written is deleted at the end unless ``--work``
-is given (then only the shards are deleted). Needs about 7 GB + 14 GB of free disk per million rows.
+a subprocess whose own peak RSS (VmHWM) is reported, with the frames/s of its sharding phase. Everything written
+is deleted at the end unless ``--work`` is given (then only the shards are deleted). Needs about 7 GB of free
+disk per million rows (the file-backed store, deleted once the checkpoint is written; the checkpoint itself is
+~75 MB, its shards ~40 MB).
 """
 from __future__ import annotations
 
@@ -28,20 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_shard import run_measured  # noqa: E402
-from data_pipeline.collect_atari import collect_atari  # noqa: E402
+from bench_shard import collected_atari, shard_run  # noqa: E402
 from data_pipeline.formats.dopamine import LoggedReplayBuffer  # noqa: E402
 from data_pipeline.sources import dqn_replay  # noqa: E402
 
 
 def real_episodes(work: Path, steps: int) -> list:
-    """Terminated episodes of ``steps`` agent steps of real Breakout play (collected once into ``work``)."""
-    folder = work / f"source-{steps}"
-    if not (folder / ".complete").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        collect_atari("Breakout", folder, steps, 0, capacity=steps + 10_000, progress=True)
-        (folder / ".complete").touch()
-    units = dqn_replay.list_units(folder / "Breakout")
+    """Terminated episodes of ``steps`` agent steps of real Breakout play (collected once into ``work``, in one
+    checkpoint: the input bench_shard.py shards)."""
+    units = dqn_replay.list_units(collected_atari(work, steps, steps + 10_000))
     return [ep for u in units for ep in dqn_replay.read_unit(u) if ep.terminated]
 
 
@@ -93,16 +90,14 @@ def main() -> None:
         gz = sorted(root.rglob("*.gz"))
         obs = next(p for p in gz if "observation" in p.name)
         out = work / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        seconds, rss, _ = run_measured(["data_pipeline/shard.py", "--source", "dqn-replay", "--input", str(root),
-                                     "--output", str(out), "--workers", "1"])
-        tars = sum(q.stat().st_size for q in out.glob("*.tar"))
+        run = shard_run("dqn-replay", root, out, 1)
         shutil.rmtree(out)
         lines.append(f"| {size - 1:,} | {steps:,} | {obs.stat().st_size / 1e6:.0f} | {(size - 1) * 84 * 84 / 1e9:.2f} "
-                     f"| {tars / 1e9:.1f} | {seconds:.1f} | {steps / seconds:,.0f} | {rss:.0f} |")
-        print(f"  checkpoint of {size - 1:,} rows built in {built:.0f} s, sharded in {seconds:.1f} s", flush=True)
-    print("\n| checkpoint rows | agent steps | observation .gz MB | frames GB (uncompressed) | tars GB | shard s "
-          "| steps/s | shard.py peak RSS MiB |\n|---|---|---|---|---|---|---|---|")
+                     f"| {run['bytes'] / 1e6:.1f} | {run['wall']:.1f} | {steps / run['sharding']:,.0f} | "
+                     f"{run['rss']:.0f} |")
+        print(f"  checkpoint of {size - 1:,} rows built in {built:.0f} s, sharded in {run['wall']:.1f} s", flush=True)
+    print("\n| checkpoint rows | agent steps | observation .gz MB | frames GB (uncompressed) | shards MB | shard.py "
+          "wall s | steps/s (sharding phase) | shard.py peak RSS MiB |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     if not args.work:
         shutil.rmtree(work)

@@ -1,12 +1,13 @@
 """Convert a dataset into WebDataset shards + ``index.json`` (contract: docs/architecture.md, "Shards").
 
     python data_pipeline/shard.py --source {dqn-replay,d4rl,minari} --input PATH --output DIR [--workers N]
-        [--chunk-stride 100] [--max-window 120] [--frame-context K] [--shard-transitions 10000] [--verify]
+        [--shard-transitions 10000] [--zstd-level 1] [--verify]
     python data_pipeline/shard.py --output DIR --verify      # only re-check every shard of an existing index
 
-Units of the input (checkpoints, blocks of episodes) are sharded in parallel, each into its own tars and a done
-record; ``index.json`` is written last, atomically, from the records. A rerun skips units whose shards verify and
-redoes the rest, so a killed run resumes. A failure exits non-zero with the reader's message and leaves no index.
+One sample per episode, each step stored once, arrays compressed with zstd (format version 2). Units of the input
+(checkpoints, blocks of episodes) are sharded in parallel, each into its own tars and a done record; ``index.json``
+is written last, atomically, from the records. A rerun skips units whose shards verify and redoes the rest, so a
+killed run resumes. A failure exits non-zero with the reader's message and leaves no index.
 """
 from __future__ import annotations
 
@@ -26,13 +27,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from data_pipeline.atomic import atomic_write_json  # noqa: E402
-from data_pipeline.chunking import Chunking  # noqa: E402
+from data_pipeline.episode_sample import FORMAT_VERSION, ZSTD_LEVEL, check_shard  # noqa: E402
 from data_pipeline.errors import DatasetFormatError  # noqa: E402
 from data_pipeline.running_stats import RunningStats  # noqa: E402
 from data_pipeline.shard_unit import UnitJob, sha256_file, shard_unit  # noqa: E402
 from data_pipeline.sources import READERS, get_reader  # noqa: E402
 
-FORMAT_VERSION = 1
 FRAME_STACK = 4  # Atari frames stacked at load time
 _counter = None  # per-worker shared progress counter
 
@@ -74,7 +74,7 @@ def run_jobs(jobs: list[UnitJob], workers: int, total: int | None) -> list[dict]
         bar.close()
 
 
-def build_index(desc: dict, source: str, chunking: Chunking, records: list[dict], command: str) -> dict:
+def build_index(desc: dict, source: str, zstd_level: int, records: list[dict], command: str) -> dict:
     returns, states = RunningStats(), None
     for r in records:
         returns.merge(RunningStats.from_dict(r["returns"]))
@@ -93,8 +93,7 @@ def build_index(desc: dict, source: str, chunking: Chunking, records: list[dict]
                      "obs_shape": [FRAME_STACK, 84, 84] if atari else list(desc["obs_shape"]),
                      "act_dim": int(desc["act_dim"]), "discrete": bool(desc["discrete"]),
                      "max_timestep": int(math.ceil(max_length / 100) * 100)},
-        "chunking": {"stride": chunking.stride, "max_window": chunking.max_window,
-                     "frame_context": chunking.frame_context},
+        "encoding": {"sample": "episode", "codec": "zstd", "zstd_level": zstd_level},
         "totals": {"episodes": sum(r["episodes"] for r in records),
                    "transitions": sum(r["transitions"] for r in records),
                    "samples": sum(r["samples"] for r in records), "bytes": sum(s["bytes"] for s in shards),
@@ -110,8 +109,14 @@ def build_index(desc: dict, source: str, chunking: Chunking, records: list[dict]
 
 
 def verify(output: Path) -> list[str]:
-    """Names (with the reason) of every shard in ``output/index.json`` whose size or sha256 does not match."""
+    """Names (with the reason) of every shard in ``output/index.json`` whose size or sha256 does not match or whose
+    samples do not decode to whole episodes."""
     index = json.loads((output / "index.json").read_text())
+    if index.get("format_version") != FORMAT_VERSION:
+        return [f"{output / 'index.json'}: format_version {index.get('format_version')}, this version writes and "
+                f"reads {FORMAT_VERSION}: re-shard with python data_pipeline/shard.py --source "
+                f"{index.get('source', 'SOURCE')} --input INPUT --output {output} (it was made by: "
+                f"{index.get('command')})"]
     bad = []
     for shard in tqdm(index["shards"], desc="verify", unit="shard"):
         path = output / shard["name"]
@@ -121,6 +126,8 @@ def verify(output: Path) -> list[str]:
             bad.append(f"{path}: expected {shard['bytes']} bytes, found {path.stat().st_size}")
         elif sha256_file(path) != shard["sha256"]:
             bad.append(f"{path}: sha256 does not match index.json")
+        else:
+            bad += check_shard(path)
     return bad
 
 
@@ -130,12 +137,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", help="dataset file or folder")
     p.add_argument("--output", required=True, help="folder for the shards and index.json")
     p.add_argument("--workers", type=int, default=1, help="processes sharding units in parallel")
-    p.add_argument("--chunk-stride", type=int, default=100, help="window starts owned by one chunk")
-    p.add_argument("--max-window", type=int, default=120, help="longest training window (context_len) to serve")
-    p.add_argument("--frame-context", type=int, default=None,
-                   help=f"steps kept before a chunk's first owned step (default {FRAME_STACK - 1} Atari, 0 vector)")
-    p.add_argument("--shard-transitions", type=int, default=10_000, help="owned steps per shard")
-    p.add_argument("--verify", action="store_true", help="re-check every shard's sha256 (alone: only that)")
+    p.add_argument("--shard-transitions", type=int, default=10_000,
+                   help="steps per shard (a shard ends at the first episode end past this many)")
+    p.add_argument("--zstd-level", type=int, default=ZSTD_LEVEL, help="zstd level of the array members")
+    p.add_argument("--verify", action="store_true",
+                   help="re-check every shard's sha256 and decode its samples (alone: only that)")
     args = p.parse_args(argv)
     if args.input is None and not args.verify:
         p.error("--source and --input are required unless only --verify is asked for")
@@ -159,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             if not units:
                 raise DatasetFormatError(f"{args.input}: expected at least one episode, found an empty dataset")
             atari = desc["kind"] == "atari"
-            frame_context = args.frame_context if args.frame_context is not None else (FRAME_STACK - 1 if atari
-                                                                                        else 0)
-            chunking = Chunking(args.chunk_stride, args.max_window, frame_context)
             output.mkdir(parents=True, exist_ok=True)
-            jobs = [UnitJob(args.source, u, i, str(output), chunking, args.shard_transitions, not atari)
+            jobs = [UnitJob(args.source, u, i, str(output), args.zstd_level, args.shard_transitions, not atari)
                     for i, u in enumerate(units)]
             sizes = [getattr(u, "transitions", 0) for u in units]
             started = time.perf_counter()
@@ -172,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         except (DatasetFormatError, OSError) as e:
             print(f"shard.py: error: {e}", file=sys.stderr)
             return 2
-        index = build_index(desc, args.source, chunking, records, command)
+        index = build_index(desc, args.source, args.zstd_level, records, command)
         atomic_write_json(output / "index.json", index, indent=1)
         t = index["totals"]
         print(f"wrote {len(index['shards'])} shards ({t['samples']} samples, {t['transitions']} transitions, "
               f"{t['episodes']} episodes, {t['bytes'] / 1e6:.1f} MB) from {len(jobs)} units in "
-              f"{sharding_seconds:.2f} s of sharding with {args.workers} worker(s), and {output / 'index.json'}")
+              f"{sharding_seconds:.3f} s of sharding with {args.workers} worker(s), and {output / 'index.json'}")
     if args.verify:
         if not (output / "index.json").exists():
             print(f"shard.py: error: {output / 'index.json'} not found: nothing to verify", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Shard one input unit: its episodes -> chunk samples -> ``shard-UUUU-KKKK.tar`` files + a done record.
+"""Shard one input unit: its episodes -> episode samples -> ``shard-UUUU-KKKK.tar`` files + a done record.
 
 Every tar is written under a temporary name and renamed when complete; the done record (``done/unit-UUUU.json``:
 counts, sha256 and bytes per shard, return and state statistics) is written last, atomically, so a unit either has a
@@ -19,14 +19,14 @@ import os
 import tarfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from data_pipeline.atomic import atomic_write_json
-from data_pipeline.chunking import Chunking, chunk_samples
+from data_pipeline.episode_sample import FORMAT_VERSION, episode_sample, make_compressor
 from data_pipeline.running_stats import RunningStats
 from data_pipeline.sources import get_reader
 
@@ -39,8 +39,8 @@ class UnitJob:
     unit: Any  # the reader's unit
     index: int  # position in list_units(): names the unit's shards
     output: str  # output folder
-    chunking: Chunking
-    shard_transitions: int  # owned steps per shard before the next one starts
+    zstd_level: int  # of the array members
+    shard_transitions: int  # steps per shard before the next one starts (at an episode boundary)
     vector_obs: bool  # collect state statistics
 
     def record_path(self) -> Path:
@@ -48,8 +48,8 @@ class UnitJob:
 
     def identity(self) -> dict:
         """What a done record must match to be reused."""
-        return {"source": self.source, "unit": str(self.unit), "chunking": asdict(self.chunking),
-                "shard_transitions": self.shard_transitions}
+        return {"source": self.source, "unit": str(self.unit), "format_version": FORMAT_VERSION,
+                "zstd_level": self.zstd_level, "shard_transitions": self.shard_transitions}
 
 
 def sha256_file(path: Path) -> str:
@@ -101,9 +101,8 @@ class TarStream:
     def tell(self) -> int:
         return self.bytes
 
-    def add(self, name: str, parts: tuple) -> None:
-        """One regular file whose content is the concatenation of the bytes-like ``parts``."""
-        data = b"".join(parts)
+    def add(self, name: str, data: bytes) -> None:
+        """One regular file holding ``data``."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
         self.tar.addfile(info, io.BytesIO(data))
@@ -127,7 +126,7 @@ def write_sample(tar: TarStream, sample: dict) -> None:
 
 
 class ShardSeries:
-    """The tars of one unit: ``shard-UUUU-0000.tar``, ``-0001`` ..., each rolled over after enough owned steps.
+    """The tars of one unit: ``shard-UUUU-0000.tar``, ``-0001`` ..., each rolled over after enough steps.
 
     Use as a context manager: leaving it waits for every finished tar to be fsynced and renamed (and re-raises a
     failure of that)."""
@@ -151,7 +150,7 @@ class ShardSeries:
             for done in self._pending:
                 done.result()
 
-    def add(self, sample: dict, owned: int, episode_id: int) -> None:
+    def add(self, sample: dict, steps: int, episode_id: int) -> None:
         if self.current is not None and self.current["transitions"] >= self.shard_transitions:
             self.close()
         if self.current is None:
@@ -160,7 +159,7 @@ class ShardSeries:
             self.current = {"name": name, "samples": 0, "transitions": 0, "episodes": set()}
         write_sample(self.tar, sample)
         self.current["samples"] += 1
-        self.current["transitions"] += owned
+        self.current["transitions"] += steps
         self.current["episodes"].add(episode_id)
 
     def close(self) -> None:
@@ -191,6 +190,7 @@ def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> d
     reader = get_reader(job.source)
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     returns, states = RunningStats(), None
+    compressor = make_compressor(job.zstd_level)
     totals = {"episodes": 0, "transitions": 0, "samples": 0, "max_length": 0}
     with ShardSeries(Path(job.output), job.index, job.shard_transitions) as series:
         for ep in reader.read_unit(job.unit):
@@ -201,9 +201,8 @@ def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> d
             totals["episodes"] += 1
             totals["transitions"] += len(ep)
             totals["max_length"] = max(totals["max_length"], len(ep))
-            for sample, owned in chunk_samples(ep, job.chunking):
-                series.add(sample, owned, ep.episode_id)
-                totals["samples"] += 1
+            series.add(episode_sample(ep, compressor), len(ep), ep.episode_id)
+            totals["samples"] += 1
             if progress:
                 progress(len(ep))
             if delay:

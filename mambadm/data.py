@@ -4,12 +4,15 @@ Contracts: docs/architecture.md, "Shards" (what is read) and "Batches" (what is 
 docs/training.md. In short:
 
 * ``read_index`` / ``select_shards`` pick the nested dataset-size subset and the held-out validation shards.
-* Every shard sample is one *chunk* of an episode; the loader cuts K-step windows from the window starts a chunk
-  owns, stacks Atari frames (zeros before the episode start), normalises vector states with the index's
-  ``state_mean`` / ``state_std`` (+1e-6), divides returns-to-go by ``data.rtg_scale`` and right-pads + masks
-  windows cut by the episode end.
+* Every shard sample is one whole episode, each array one zstd-compressed NPY member (format version 2; a
+  version-1 folder fails at once, naming the re-shard command). The loader decodes an episode once and cuts K-step
+  windows from it: Atari frames stacked at load time (zeros before the episode start), vector states normalised
+  with the index's ``state_mean`` / ``state_std`` (+1e-6), returns-to-go divided by ``data.rtg_scale``, windows cut
+  by the episode end right-padded + masked. Training windows are drawn from a pool of decoded episodes holding
+  ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across episodes; a window stays a reference
+  (episode, start) until ``collate`` copies its steps, once, straight into the batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
-  validation is an exact, finite pass in which every owned start of every validation shard is served once.
+  validation is an exact, finite pass in which every step of every validation shard starts one window.
 * Shards are split explicitly per rank (``split_by_rank``) and per DataLoader worker (``wds.split_by_worker``).
   The loader is *not* passed through ``accelerator.prepare()``: for an IterableDataset Accelerate either makes
   rank 0 read and broadcast every batch or shards the already-split stream a second time, silently. Batches are
@@ -20,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 STATE_STD_EPS = 1e-6  # added to the dataset's state std before dividing (as the DT code does)
-WINDOWS_PER_OWNED_STEP = 0.05  # training: random windows drawn per owned start of a decoded chunk (5 per 100)
-INDEX_KEYS = ("format_version", "env", "env_spec", "chunking", "totals", "shards")
-MEMBERS = ("obs.npy", "actions.npy", "rtg.npy", "timesteps.npy", "meta.json")
+WINDOWS_PER_STEP = 0.05  # training: random windows drawn per step of a decoded episode (5 per 100, as before)
+FORMAT_VERSION = 2  # of the shards this loader reads (index.json's format_version)
+INDEX_KEYS = ("format_version", "env", "env_spec", "encoding", "totals", "shards")
+MEMBERS = ("obs.npy.zst", "actions.npy.zst", "rtg.npy.zst", "timesteps.npy.zst", "meta.json")  # those it reads
 
 
 class DataError(ValueError):
@@ -52,6 +56,12 @@ def read_index(shard_dir: str | Path) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e}") from None
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {index.get('format_version')}; this loader reads only "
+                        f"format_version {FORMAT_VERSION} (one compressed sample per episode). Re-shard the input "
+                        f"into this folder with: python data_pipeline/shard.py --source "
+                        f"{index.get('source', 'SOURCE')} --input INPUT --output {shard_dir} (these shards were made "
+                        f"by: {index.get('command')})")
     missing = [k for k in INDEX_KEYS if k not in index]
     if missing:
         raise DataError(f"{path}: missing keys {missing}")
@@ -77,7 +87,7 @@ def select_shards(index: dict, data_cfg: Any) -> tuple[list[dict], list[dict]]:
     """``(train_shards, val_shards)``: nested dataset-size subsets over one fixed permutation of the shards.
 
     The permutation is seeded by ``data.subset_seed``; its last ``data.val_shards`` shards are validation; the
-    training subset is the shortest prefix of the rest whose owned transitions reach ``data.subset_transitions``
+    training subset is the shortest prefix of the rest whose transitions reach ``data.subset_transitions``
     (or ``data.subset_fraction`` of them when that is 0). Prefixes of one permutation are nested.
     """
     shards = index["shards"]
@@ -110,87 +120,193 @@ def transitions_of(shards: list[dict]) -> int:
     return sum(s["transitions"] for s in shards)
 
 
+# ----------------------------------------------------------------------------------------------- samples
+def load_npy_zst(data: bytes, decompressor: zstandard.ZstdDecompressor, where: str) -> np.ndarray:
+    """The array of one ``<name>.npy.zst`` member: a zstd frame holding an NPY file. Zero-copy after decompression
+    (the array is a read-only view of the decompressed bytes); never unpickles."""
+    try:
+        raw = decompressor.decompress(data)
+    except zstandard.ZstdError as e:
+        raise DataError(f"{where}: damaged compressed member ({e}); check every shard with: python "
+                        f"data_pipeline/shard.py --output <shard folder> --verify") from None
+    buf = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(buf)
+    except ValueError as e:
+        raise DataError(f"{where}: not an NPY array: {e}") from None
+    count = math.prod(shape)
+    if dtype.hasobject or fortran or len(raw) - buf.tell() != count * dtype.itemsize:
+        raise DataError(f"{where}: expected {count} C-ordered {dtype} items in {len(raw) - buf.tell()} bytes")
+    return np.frombuffer(raw, dtype, count, buf.tell()).reshape(shape)
+
+
+def episode_length(sample: dict) -> int:
+    """The episode length a shard sample's ``meta.json`` records."""
+    try:
+        return int(json.loads(sample["meta.json"])["episode_length"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}: meta.json without a valid "
+                        f"episode_length ({e!r})") from None
+
+
+def decode(sample: dict) -> dict:
+    """One shard sample (one whole episode) -> ``obs``, ``actions``, ``rtg``, ``timesteps`` arrays + ``meta``."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}"
+    missing = [m for m in MEMBERS if m not in sample]
+    if missing:
+        raise DataError(f"{where}: lacks members {missing}")
+    decompressor = zstandard.ZstdDecompressor()
+    episode = {m.split(".")[0]: load_npy_zst(sample[m], decompressor, f"{where}, member {m}")
+               for m in MEMBERS if m.endswith(".npy.zst")}
+    episode["meta"] = json.loads(sample["meta.json"])
+    lengths = {len(a) for name, a in episode.items() if name != "meta"}
+    if lengths != {episode["meta"]["episode_length"]}:
+        raise DataError(f"{where}: array lengths {sorted(lengths)}, expected episode_length "
+                        f"{episode['meta']['episode_length']}")
+    return episode
+
+
 # ----------------------------------------------------------------------------------------------- windows
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker it is allocated in shared memory (as torch's own
+    ``default_collate`` does), so handing the batch to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)).resize_(shape)
+
+
 class WindowMaker:
-    """Turns decoded chunks into fixed-size K-step windows (numpy, before batching)."""
+    """Cuts K-step windows from decoded episodes: a window is ``(episode, start)`` until ``collate`` writes a batch.
+
+    ``window`` is the readable definition of one window; ``collate`` writes the same numbers straight into the
+    batch tensors (tested against each other), so a window's frames are copied once, from the decoded episode into
+    the batch."""
 
     def __init__(self, index: dict, data_cfg: Any):
-        spec, chunking = index["env_spec"], index["chunking"]
+        spec = index["env_spec"]
         self.k = int(data_cfg.context_len)
         self.atari = spec["obs_kind"] == "atari"
         self.discrete = bool(spec["discrete"])
         self.rtg_scale = float(data_cfg.rtg_scale)
         self.frame_stack = int(data_cfg.frame_stack) if self.atari else 1
-        if self.k > chunking["max_window"]:
-            raise DataError(f"data.context_len={self.k} exceeds the shards' chunking.max_window="
-                            f"{chunking['max_window']} (re-shard with --max-window {self.k})")
-        if self.atari and chunking["frame_context"] < self.frame_stack - 1:
-            raise DataError(f"data.frame_stack={self.frame_stack} needs chunking.frame_context >= "
-                            f"{self.frame_stack - 1}, the shards have {chunking['frame_context']}")
         if not self.atari:
             self.mean = np.asarray(index["state_mean"], np.float32)
             self.std = np.asarray(index["state_std"], np.float32) + STATE_STD_EPS
 
-    @staticmethod
-    def decode(sample: dict) -> dict:
-        """npy/json members of one shard sample → arrays (never unpickles)."""
-        missing = [m for m in MEMBERS if m not in sample]
-        if missing:
-            raise DataError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')} lacks members {missing}")
-        out = {m[:-4]: np.load(io.BytesIO(sample[m]), allow_pickle=False) for m in MEMBERS if m.endswith(".npy")}
-        out["meta"] = json.loads(sample["meta.json"])
-        return out
-
-    def window(self, chunk: dict, start: int) -> dict:
-        """The window whose first step is episode step ``start`` (an owned start of ``chunk``)."""
-        k, fs, begin = self.k, self.frame_stack, chunk["meta"]["begin"]
-        i = start - begin
-        n = min(k, len(chunk["actions"]) - i)  # < k only when the episode ends inside the window
-        obs = chunk["obs"]
+    def window(self, episode: dict, start: int) -> dict:
+        """The window whose first step is episode step ``start``, as numpy arrays (the readable path)."""
+        k, fs = self.k, self.frame_stack
+        n = min(k, len(episode["actions"]) - start)  # < k only when the episode ends inside the window
+        obs = episode["obs"]
         if self.atari:  # frames start-(fs-1) .. start+n-1, zeros before the episode start and after its end
             frames = np.zeros((k + fs - 1, *obs.shape[1:]), np.uint8)
-            lo = i - (fs - 1)
-            frames[max(0, -lo):fs - 1 + n] = obs[max(0, lo):i + n]
+            lo = start - (fs - 1)
+            frames[max(0, -lo):fs - 1 + n] = obs[max(0, lo):start + n]
             states = frames
         else:
             states = np.zeros((k, obs.shape[1]), np.float32)
-            states[:n] = (obs[i:i + n] - self.mean) / self.std
-        actions = chunk["actions"]
+            states[:n] = (obs[start:start + n] - self.mean) / self.std
+        actions = episode["actions"]
         act = np.zeros((k, *actions.shape[1:]), np.int64 if self.discrete else np.float32)
-        act[:n] = actions[i:i + n]
+        act[:n] = actions[start:start + n]
         rtg = np.zeros(k, np.float32)
-        rtg[:n] = chunk["rtg"][i:i + n] / self.rtg_scale
+        rtg[:n] = episode["rtg"][start:start + n] / self.rtg_scale
         timesteps = np.zeros(k, np.int64)
-        timesteps[:n] = chunk["timesteps"][i:i + n]
+        timesteps[:n] = episode["timesteps"][start:start + n]
         mask = np.zeros(k, bool)
         mask[:n] = True
         return {"states": states, "actions": act, "rtg": rtg, "timesteps": timesteps, "mask": mask}
 
-    def all_windows(self, chunks: Iterator[dict]) -> Iterator[dict]:
-        """Exact mode: every owned start of every chunk, in order."""
-        for sample in chunks:
-            chunk = self.decode(sample)
-            for start in range(chunk["meta"]["own_begin"], chunk["meta"]["own_end"]):
-                yield self.window(chunk, start)
+    def all_windows(self, samples: Iterator[dict]) -> Iterator[tuple[dict, int]]:
+        """Exact mode: every start of every episode, in order."""
+        for sample in samples:
+            episode = decode(sample)
+            for start in range(len(episode["actions"])):
+                yield episode, start
 
-    def random_windows(self, chunks: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        """Training: about ``WINDOWS_PER_OWNED_STEP`` random owned starts per owned step (stochastic rounding)."""
-        for sample in chunks:
-            chunk = self.decode(sample)
-            lo, hi = chunk["meta"]["own_begin"], chunk["meta"]["own_end"]
-            expected = (hi - lo) * WINDOWS_PER_OWNED_STEP
-            count = int(expected) + int(rng.random() < expected - int(expected))
-            for start in rng.integers(lo, hi, size=count):
-                yield self.window(chunk, int(start))
+    def random_windows(self, samples: Iterator[dict], rng: np.random.Generator,
+                       pool_windows: int) -> Iterator[tuple[dict, int]]:
+        """Training: windows drawn from a pool of decoded episodes. An episode of T steps read from the shard stream
+        serves ``WINDOWS_PER_STEP * T`` windows (stochastic rounding), each from a uniform random start, so sampling
+        stays uniform over transitions; every window comes from an episode chosen uniformly from the pool. The pool
+        is refilled from the shard stream while its episodes hold fewer than ``pool_windows / WINDOWS_PER_STEP``
+        steps (the data a shuffle buffer of ``pool_windows`` windows draws from) and fewer than ``10 * pool_windows``
+        windows are left to serve. An episode read again while in the pool (the shards are resampled) adds its
+        windows to the decoded copy. An episode leaves the pool when its windows are served."""
+        pool: list[list] = []  # [key, episode, windows it still serves]
+        where: dict[tuple, int] = {}  # key -> position in pool
+        pending = held = 0
+        samples = iter(samples)
+        while True:
+            while (held < pool_windows / WINDOWS_PER_STEP and pending < 10 * pool_windows) or not pool:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                key = (sample.get("__url__"), sample.get("__key__"))
+                expected = episode_length(sample) * WINDOWS_PER_STEP
+                count = int(expected) + int(rng.random() < expected - int(expected))
+                if not count:
+                    continue
+                if key in where:
+                    pool[where[key]][2] += count
+                else:
+                    where[key] = len(pool)
+                    pool.append([key, decode(sample), count])
+                    held += len(pool[-1][1]["actions"])
+                pending += count
+            if not pool:
+                return
+            i = int(rng.integers(len(pool)))
+            episode = pool[i][1]
+            yield episode, int(rng.integers(len(episode["actions"])))
+            pending -= 1
+            pool[i][2] -= 1
+            if not pool[i][2]:
+                held -= len(episode["actions"])
+                del where[pool[i][0]]
+                last = pool.pop()
+                if i < len(pool):
+                    pool[i] = last
+                    where[last[0]] = i
 
-    def collate(self, windows: list[dict]) -> dict[str, torch.Tensor]:
-        """Stacks windows into a batch. Atari frames stay unstacked, "frames" (B, K + frame_stack - 1, 84, 84): the
-        model stacks them as a view where it runs (`mambadm.model.base.batch_states`), so workers neither write nor
-        ship the frame_stack-times larger stacks (most of a worker's time when they did, benchmarks/RESULTS.md)."""
-        batch = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in windows[0]}
-        if self.atari:
-            batch["frames"] = batch.pop("states")
-        return batch
+    def collate(self, windows: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
+        """Writes windows into a batch (the fast path of ``window``). Atari frames stay unstacked, "frames"
+        (B, K + frame_stack - 1, 84, 84): the model stacks them as a view where it runs
+        (`mambadm.model.base.batch_states`), so workers neither write nor ship the frame_stack-times larger
+        stacks."""
+        b, k, fs = len(windows), self.k, self.frame_stack
+        first = windows[0][0]
+        obs_shape, act_shape = first["obs"].shape[1:], first["actions"].shape[1:]
+        states = batch_tensor((b, k + fs - 1, *obs_shape) if self.atari else (b, k, *obs_shape),
+                              torch.uint8 if self.atari else torch.float32)
+        small = {"actions": batch_tensor((b, k, *act_shape), torch.int64 if self.discrete else torch.float32),
+                 "rtg": batch_tensor((b, k), torch.float32), "timesteps": batch_tensor((b, k), torch.int64),
+                 "mask": batch_tensor((b, k), torch.bool)}
+        for tensor in small.values():
+            tensor.zero_()
+        states_np, act, rtg, timesteps, mask = (t.numpy() for t in (states, *small.values()))
+        for row, (episode, start) in enumerate(windows):
+            obs = episode["obs"]
+            end = min(start + k, len(obs))
+            n = end - start
+            if self.atari:
+                lo = start - (fs - 1)  # first frame of the window; negative: zeros before the episode start
+                states_np[row, :max(0, -lo)] = 0
+                states_np[row, max(0, -lo):fs - 1 + n] = obs[max(0, lo):end]
+                states_np[row, fs - 1 + n:] = 0
+            else:
+                np.subtract(obs[start:end], self.mean, out=states_np[row, :n])
+                states_np[row, :n] /= self.std
+                states_np[row, n:] = 0
+            act[row, :n] = episode["actions"][start:end]
+            np.divide(episode["rtg"][start:end], self.rtg_scale, out=rtg[row, :n])
+            timesteps[row, :n] = episode["timesteps"][start:end]
+            mask[row, :n] = True
+        return {"frames" if self.atari else "states": states, **small}
 
 
 # ----------------------------------------------------------------------------------------------- streams
@@ -214,7 +330,8 @@ class WindowStream(IterableDataset):
     ``exact=False``: infinite stream of random windows from resampled shards; rank ``r`` of ``world_size`` and
     worker ``w`` take every ``world_size``-th, then every ``num_workers``-th shard of one resampled shard
     sequence drawn from ``seed``, so the stream is a pure function of ``(seed, rank, worker)``.
-    ``exact=True``: one pass over the shards split by rank and worker, every owned start once.
+    ``exact=True``: one pass over the shards split by rank and worker, every step of every episode starting one
+    window.
     """
 
     def __init__(self, shards: list[dict], maker: WindowMaker, rank: int, world_size: int, seed: int,
@@ -240,10 +357,7 @@ class WindowStream(IterableDataset):
             stages.append(self.maker.all_windows)
         else:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.rank, worker])
-            stages.append(lambda chunks: self.maker.random_windows(chunks, rng))
-            if self.shuffle_buffer > 1:
-                stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                          rng=random.Random(stream_seed(self.seed, self.rank, worker))))
+            stages.append(lambda samples: self.maker.random_windows(samples, rng, self.shuffle_buffer))
         return iter(wds.DataPipeline(*stages))
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from mambadm import data as D
 from mambadm.checkpoint import resolve_resume
 from mambadm.config import load_config
 from mambadm.model.base import batch_states
-from tests.real_shards import real_shards
+from tests.real_shards import REPO, real_shards
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +31,41 @@ def cfg_for(shards, *overrides):
     return load_config(None, [f"data.shards={shards}", "data.num_workers=0", "data.batch_size=8", *overrides]).data
 
 
+def episodes_of(index):
+    """Every decoded episode of the shards, in index order."""
+    return [D.decode(raw) for raw in wds.WebDataset([s["path"] for s in index["shards"]], shardshuffle=False)]
+
+
 def first_sample(shard_dir):
     index = D.read_index(shard_dir)
     raw = next(iter(wds.WebDataset(index["shards"][0]["path"], shardshuffle=False)))
-    return index, D.WindowMaker.decode(raw)
+    return index, D.decode(raw)
 
 
 def test_read_index_errors_name_the_file(tmp_path):
     with pytest.raises(D.DataError, match="index.json: not found"):
         D.read_index(tmp_path)
-    (tmp_path / "index.json").write_text(json.dumps({"format_version": 1}))
+    (tmp_path / "index.json").write_text(json.dumps({"format_version": 2}))
     with pytest.raises(D.DataError, match="missing keys"):
         D.read_index(tmp_path)
+
+
+def test_a_version_1_folder_fails_at_once_naming_the_version_and_the_reshard_command(hopper, tmp_path):
+    """The index of a version-1 shard folder (chunked, uncompressed), as the old sharder wrote it."""
+    index = json.loads((hopper / "index.json").read_text())
+    old = {**index, "format_version": 1, "chunking": {"stride": 100, "max_window": 120, "frame_context": 0},
+           "command": "python data_pipeline/shard.py --source d4rl --input raw.hdf5 --output old --max-window 120"}
+    del old["encoding"]
+    (tmp_path / "index.json").write_text(json.dumps(old))
+    with pytest.raises(D.DataError) as e:
+        D.read_index(tmp_path)
+    message = str(e.value)
+    assert "format_version 1" in message and "reads only format_version 2" in message
+    assert f"python data_pipeline/shard.py --source d4rl --input INPUT --output {tmp_path}" in message
+    assert old["command"] in message
+    out = subprocess.run([sys.executable, "data_pipeline/shard.py", "--output", str(tmp_path), "--verify"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "format_version 1" in out.stderr and "--output" in out.stderr
 
 
 def test_subsets_are_nested_and_validation_is_held_out(hopper):
@@ -60,35 +85,30 @@ def test_subsets_are_nested_and_validation_is_held_out(hopper):
 
 
 def test_vector_windows_normalised_scaled_and_padded(hopper):
-    index, chunk = first_sample(hopper)
+    index, episode = first_sample(hopper)
     cfg = cfg_for(hopper, "data.context_len=20", "data.rtg_scale=1000")
     maker = D.WindowMaker(index, cfg)
-    meta = chunk["meta"]
-    w = maker.window(chunk, meta["own_begin"])
-    i = meta["own_begin"] - meta["begin"]
+    w = maker.window(episode, 5)
     mean, std = np.array(index["state_mean"]), np.array(index["state_std"])
-    np.testing.assert_allclose(w["states"], (chunk["obs"][i:i + 20] - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(w["rtg"], chunk["rtg"][i:i + 20] / 1000, rtol=1e-6)
-    assert w["mask"].all() and w["timesteps"][0] == meta["own_begin"]
+    np.testing.assert_allclose(w["states"], (episode["obs"][5:25] - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w["rtg"], episode["rtg"][5:25] / 1000, rtol=1e-6)
+    assert w["mask"].all() and w["timesteps"].tolist() == list(range(5, 25))
     # the last step of an episode: one real step, the rest padded and masked
-    samples = [D.WindowMaker.decode(s) for s in wds.WebDataset([s["path"] for s in index["shards"]],
-                                                              shardshuffle=False)]
-    last = next(c for c in samples if c["meta"]["own_end"] == c["meta"]["episode_length"])
-    w = maker.window(last, last["meta"]["own_end"] - 1)
+    w = maker.window(episode, episode["meta"]["episode_length"] - 1)
     assert w["mask"].tolist() == [True] + [False] * 19 and (w["states"][1:] == 0).all()
-    with pytest.raises(D.DataError, match="max_window"):
-        D.WindowMaker(index, cfg_for(hopper, "data.context_len=500"))
+    # any context length: a window longer than the episode is padded (no max_window in version-2 shards)
+    long = D.WindowMaker(index, cfg_for(hopper, "data.context_len=1500")).window(episode, 0)
+    assert long["mask"].sum() == episode["meta"]["episode_length"] < 1500
 
 
 def test_atari_frames_stacked_at_load_time_with_zeros_before_the_start(breakout):
-    index, chunk = first_sample(breakout)
-    assert chunk["meta"]["begin"] == 0
+    index, episode = first_sample(breakout)
     maker = D.WindowMaker(index, cfg_for(breakout, "data.context_len=8"))
-    batch = maker.collate([maker.window(chunk, 0), maker.window(chunk, 5)])
+    batch = maker.collate([(episode, 0), (episode, 5)])
     assert "states" not in batch and batch["frames"].shape == (2, 11, 84, 84)  # shipped unstacked: K + 3 frames
     states = batch_states(batch, 4)  # what the model reads
     assert states.shape == (2, 8, 4, 84, 84) and states.dtype == torch.uint8
-    obs = torch.from_numpy(chunk["obs"])
+    obs = torch.from_numpy(episode["obs"].copy())
     assert (states[0, 0, :3] == 0).all() and torch.equal(states[0, 0, 3], obs[0])
     for t in range(8):  # step t of the window starting at 5 stacks frames t+2 .. t+5
         assert torch.equal(states[1, t], obs[5 + t - 3:5 + t + 1])
@@ -140,3 +160,98 @@ def test_resume_ignores_tmp_and_incomplete_checkpoints(tmp_path):
     assert resolve_resume(tmp_path, "never") is None
     with pytest.raises(FileNotFoundError):
         resolve_resume(tmp_path, str(ckpts / "tmp-step-00000030"))
+
+
+def windows_by_definition(maker, refs):
+    """The batch ``collate`` must produce, stacked from the readable per-window definition."""
+    windows = [maker.window(episode, start) for episode, start in refs]
+    stacked = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in windows[0]}
+    stacked["frames" if maker.atari else "states"] = stacked.pop("states")
+    return stacked
+
+
+@pytest.mark.parametrize("data", ["hopper", "breakout"])
+def test_collate_writes_the_windows_the_readable_path_defines(data, request):
+    shards = request.getfixturevalue(data)
+    index = D.read_index(shards)
+    episodes = episodes_of(index)
+    rng = np.random.default_rng(0)
+    for k in (1, 7, 30):
+        maker = D.WindowMaker(index, cfg_for(shards, f"data.context_len={k}", "data.rtg_scale=7"))
+        refs = [(ep, start) for ep in episodes[:3] for start in (0, 1, 2, len(ep["actions"]) - 1)]
+        refs += [(ep, int(rng.integers(len(ep["actions"])))) for ep in rng.choice(episodes, 20)]
+        fast, readable = maker.collate(refs), windows_by_definition(maker, refs)
+        assert fast.keys() == readable.keys()
+        for key in fast:
+            assert fast[key].dtype == readable[key].dtype and torch.equal(fast[key], readable[key]), (k, key)
+
+
+def test_exact_pass_serves_every_window_of_every_episode_as_defined(breakout):
+    """The windows of version-1 shards for the same data (every owned start once, each window cut as ``window``
+    defines it) are the exact pass over version-2 shards: every step of every episode, in shard order."""
+    index = D.read_index(breakout)
+    cfg = cfg_for(breakout, "data.context_len=30", "data.batch_size=64")
+    maker = D.WindowMaker(index, cfg)
+    served = list(D.make_loader(index["shards"], index, cfg, 0, 1, seed=0, exact=True, num_workers=1))
+    refs = [(ep, t) for ep in episodes_of(index) for t in range(len(ep["actions"]))]
+    assert sum(len(b["mask"]) for b in served) == len(refs) == index["totals"]["transitions"]
+    for i, batch in enumerate(served):
+        expected = windows_by_definition(maker, refs[i * 64:(i + 1) * 64])
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), (i, key)
+
+
+def rewrite_member(src, dst, member_suffix, damage):
+    """A copy of the tar ``src`` whose first member ending in ``member_suffix`` has its bytes passed through
+    ``damage`` (a valid tar around a damaged compressed member)."""
+    import io
+    import tarfile
+
+    done = False
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        for info in tin:
+            data = tin.extractfile(info).read()
+            if not done and info.name.endswith(member_suffix):
+                data, done = damage(data), True
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    assert done
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2],  # truncated
+                                    lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0x55]) + b[len(b) // 2 + 1:]])
+def test_a_damaged_compressed_member_names_its_shard(breakout, tmp_path, damage):
+    index = D.read_index(breakout)
+    shard = index["shards"][0]
+    bad = tmp_path / shard["name"]
+    rewrite_member(shard["path"], bad, "obs.npy.zst", damage)
+    cfg = cfg_for(breakout, "data.context_len=8")
+    loader = D.make_loader([{**shard, "path": str(bad)}], index, cfg, 0, 1, seed=0, exact=True, num_workers=0)
+    with pytest.raises(D.DataError, match=f"{bad}: sample e[0-9]+, member obs.npy.zst: damaged compressed member"):
+        list(loader)
+
+
+def test_training_windows_are_uniform_over_transitions_and_mixed_across_episodes(hopper):
+    """The pool serves each episode windows in proportion to its length (up to the shards' resampling noise), and a
+    batch mixes several episodes."""
+    index = D.read_index(hopper)
+    cfg = cfg_for(hopper, "data.context_len=4", "data.batch_size=64", "data.shuffle_buffer=100")
+    loader = D.make_loader(index["shards"], index, cfg, 0, 1, seed=3, exact=False, num_workers=0)
+    loader.collate_fn = lambda refs: [(ep["meta"]["episode_id"], ep["meta"]["episode_length"]) for ep, _ in refs]
+    batches = batches_of(loader, 300)
+    counts, lengths = {}, {}
+    for batch in batches:
+        for episode, length in batch:
+            counts[episode] = counts.get(episode, 0) + 1
+            lengths[episode] = length
+    episodes = sorted(counts)
+    assert len(episodes) == index["totals"]["episodes"]  # every episode served
+    share = np.array([counts[e] for e in episodes]) / sum(counts.values())
+    expected = np.array([lengths[e] for e in episodes]) / sum(lengths.values())
+    assert np.abs(share - expected).max() < 0.05, (share, expected)
+    assert np.mean([len({e for e, _ in b}) for b in batches]) >= 3
+
+
+def batches_of(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]

@@ -76,11 +76,11 @@ def test_reader_matches_what_was_stepped(dataset):
 def test_shard_round_trip(dataset, tmp_path):
     path, recorded = dataset
     out = tmp_path / "shards"
-    assert shard.main(["--source", "minari", "--input", str(path), "--output", str(out), "--chunk-stride", "10",
-                       "--max-window", "8", "--shard-transitions", "50"]) == 0
+    assert shard.main(["--source", "minari", "--input", str(path), "--output", str(out),
+                       "--shard-transitions", "50"]) == 0
     index = json.loads((out / "index.json").read_text())
     episodes = [ep for u in minari_reader.list_units(path) for ep in minari_reader.read_unit(u)]
-    check_against_episodes(read_samples(out), episodes, max_window=8, stride=10)
+    check_against_episodes(read_samples(out), episodes)
     assert index["totals"]["transitions"] == sum(len(r["rewards"]) for r in recorded)
     assert index["env_spec"]["max_timestep"] == 100 and len(index["shards"]) >= 2
     all_obs = np.concatenate([r["observations"][:-1] for r in recorded]).astype(np.float32).astype(np.float64)

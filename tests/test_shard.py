@@ -13,6 +13,7 @@ import h5py
 import pytest
 
 from data_pipeline.collect_mujoco import collect_mujoco
+from data_pipeline.episode_sample import ZSTD_LEVEL
 from data_pipeline.formats.d4rl import DTYPES, write_d4rl
 from data_pipeline.shard_unit import DELAY_ENV
 
@@ -92,7 +93,7 @@ def test_parallel_run_resume_after_kill_and_verify(d4rl_dir, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0000-*.tar")} == kept  # unit 0 was skipped
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
     a, b = (json.loads((d / "index.json").read_text()) for d in (clean, out))
-    for key in ("env_spec", "totals", "returns", "state_mean", "state_std", "chunking", "eval_env"):
+    for key in ("env_spec", "totals", "returns", "state_mean", "state_std", "encoding", "eval_env"):
         assert a[key] == b[key], key
 
     # Corrupt one byte of one shard: --verify names it and fails.
@@ -115,14 +116,15 @@ def test_dqn_replay_source_round_trip(tmp_path):
     # random play: short episodes, several per checkpoint of 1,000 rows
     root = collect_atari("Breakout", tmp_path / "raw", 2_500, 0, capacity=1_000, epsilons=(1.0,), progress=False)
     out = tmp_path / "shards"
-    assert shard.main(["--source", "dqn-replay", "--input", str(root), "--output", str(out), "--max-window", "30",
+    assert shard.main(["--source", "dqn-replay", "--input", str(root), "--output", str(out),
                        "--shard-transitions", "500", "--verify"]) == 0
     index = json.loads((out / "index.json").read_text())
     episodes = [ep for u in dqn_replay.list_units(root) for ep in dqn_replay.read_unit(u)]
-    check_against_episodes(read_samples(out), episodes, max_window=30, stride=100, frame_context=3)
+    check_against_episodes(read_samples(out), episodes)
     assert index["env_spec"]["obs_kind"] == "atari" and index["env_spec"]["obs_shape"] == [4, 84, 84]
     assert index["env_spec"]["discrete"] and index["eval_env"] == {"kind": "atari", "game": "Breakout"}
-    assert index["chunking"]["frame_context"] == 3 and index["state_mean"] is None
+    assert index["format_version"] == 2 and index["state_mean"] is None
+    assert index["encoding"] == {"sample": "episode", "codec": "zstd", "zstd_level": ZSTD_LEVEL}
     assert index["totals"]["transitions"] == sum(len(ep) for ep in episodes)
     units = dqn_replay.list_units(root)
     assert len(units) >= 2 and len(episodes) >= 6
