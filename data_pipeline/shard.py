@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [UnitJob(args.source, u, i, str(output), args.zstd_level, args.shard_transitions, not atari)
                     for i, u in enumerate(units)]
             sizes = [getattr(u, "transitions", 0) for u in units]
+            if args.workers > len(jobs):
+                print(f"shard.py: note: {len(jobs)} input unit(s) for --workers {args.workers}: units are sharded one "
+                      f"per worker, so {args.workers - len(jobs)} worker(s) will have nothing to do", file=sys.stderr)
             started = time.perf_counter()
             records = run_jobs(jobs, args.workers, sum(sizes) if all(sizes) else None)
             sharding_seconds = time.perf_counter() - started

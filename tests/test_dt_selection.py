@@ -141,16 +141,9 @@ def test_shards_hold_the_reference_rows(run, tmp_path, keep_padding_rows):
     subprocess.run([sys.executable, "data_pipeline/shard.py", "--source", "dqn-replay-dt", "--input", str(selection),
                     "--output", str(out), "--shard-transitions", "1000"], cwd=REPO, env=ENV, check=True,
                    capture_output=True)
-    episodes: dict[int, dict] = {}
-    for s in read_samples(out):
-        m = s["meta"]
-        ep = episodes.setdefault(m["episode_id"], {"n": m["episode_length"], "parts": []})
-        lo, hi = m["own_begin"] - m["begin"], m["own_end"] - m["begin"]
-        ep["parts"].append((m["own_begin"], *(s[k][lo:hi] for k in ("obs", "actions", "rewards", "rtg"))))
-    got = []
-    for eid in sorted(episodes):
-        parts = sorted(episodes[eid]["parts"], key=lambda p: p[0])
-        got.append([np.concatenate([p[k] for p in parts]) for k in range(1, 5)])
+    samples = sorted(read_samples(out), key=lambda s: s["meta"]["episode_id"])  # one sample per whole episode
+    assert all(len(s["obs"]) == s["meta"]["episode_length"] for s in samples)
+    got = [[s[k] for k in ("obs", "actions", "rewards", "rtg")] for s in samples]
     ref = reference_loop(run / "replay_logs", 50, NUM_STEPS, 1, ROW_LIMIT, 123)
     expected = sorted(trajectories_of(ref), key=lambda t: t["rows"][0])  # the shards are in checkpoint, row order
     assert len(got) == len(expected) > 2 * len([v for v in ref["visits"] if v[3]]) - 1

@@ -149,3 +149,13 @@ def test_a_failing_unit_in_a_worker_fails_the_run_clearly(d4rl_dir, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "part2.hdf5" in done.stderr and "NaN" in done.stderr, done.stderr
     assert not (out / "index.json").exists()
+
+
+def test_more_workers_than_units_says_so(d4rl_dir, tmp_path):
+    done = subprocess.run(shard_cmd(d4rl_dir, tmp_path / "out", "--workers", "5"), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 input unit(s) for --workers 5" in done.stderr and "2 worker(s) will have nothing to do" in done.stderr
+    quiet = subprocess.run(shard_cmd(d4rl_dir, tmp_path / "out2", "--workers", "3"), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert quiet.returncode == 0 and "nothing to do" not in quiet.stderr, quiet.stderr
