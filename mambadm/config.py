@@ -101,6 +101,7 @@ class DataConfig:
     rtg_scale: float = 1.0  # returns-to-go are divided by this (1 for Atari, 1000 for MuJoCo)
     frame_stack: int = 4  # Atari frames stacked at load time
     shuffle_buffer: int = 2000  # samples kept for shuffling in the training stream
+    window_cut: str = "padded"  # training windows at an episode end: padded (+ masked) | shifted back (DT Atari)
 
 
 @dataclass
@@ -182,6 +183,7 @@ CHOICES = {  # keys with a fixed set of values; model.fusion and model.backend: 
     "eval.mujoco_version": ("v4", "v5"),
     "eval.frame_padding": ("zero", "reset"),
     "eval.frame_processing": ("dopamine", "dt"),
+    "data.window_cut": ("padded", "shifted"),
     "model.activation": ("gelu", "relu"),
     "model.timestep_encoding": ("per_token", "dt_global"),
     "model.init": ("project", "dt"),

@@ -8,7 +8,8 @@ docs/training.md. In short:
   version-1 folder fails at once, naming the re-shard command). The loader decodes an episode once and cuts K-step
   windows from it: Atari frames stacked at load time (zeros before the episode start), vector states normalised
   with the index's ``state_mean`` / ``state_std`` (+1e-6), returns-to-go divided by ``data.rtg_scale``, windows cut
-  by the episode end right-padded + masked. Training windows are drawn from a pool of decoded episodes holding
+  by the episode end right-padded + masked (training windows shifted back to end at the episode end instead with
+  ``data.window_cut=shifted``, as DT's Atari code does; validation stays padded). Training windows are drawn from a pool of decoded episodes holding
   ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across episodes; a window stays a reference
   (episode, start) until ``collate`` copies its steps, once, straight into the batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
@@ -193,9 +194,15 @@ class WindowMaker:
         self.discrete = bool(spec["discrete"])
         self.rtg_scale = float(data_cfg.rtg_scale)
         self.frame_stack = int(data_cfg.frame_stack) if self.atari else 1
+        self.shift = data_cfg.window_cut == "shifted"
         if not self.atari:
             self.mean = np.asarray(index["state_mean"], np.float32)
             self.std = np.asarray(index["state_std"], np.float32) + STATE_STD_EPS
+
+    def training_start(self, start: int, length: int) -> int:
+        """Where a training window drawn at ``start`` begins: there (padded), or moved back so that it ends at the
+        episode end when it would cross it (shifted; an episode shorter than K still gives one padded window)."""
+        return max(0, min(start, length - self.k)) if self.shift else start
 
     def window(self, episode: dict, start: int) -> dict:
         """The window whose first step is episode step ``start``, as numpy arrays (the readable path)."""
@@ -262,7 +269,8 @@ class WindowMaker:
                 return
             i = int(rng.integers(len(pool)))
             episode = pool[i][1]
-            yield episode, int(rng.integers(len(episode["actions"])))
+            length = len(episode["actions"])
+            yield episode, self.training_start(int(rng.integers(length)), length)
             pending -= 1
             pool[i][2] -= 1
             if not pool[i][2]:

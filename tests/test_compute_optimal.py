@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mambadm.study.compute_optimal import analyse, budgets_of, main, summary_markdown
+from mambadm.study.compute_optimal import analyse, budgets_of, main, profile_doubt, summary_markdown
 from planted_law import ALPHA, BETA, BUDGETS, E, planted_loss, planted_n_star, write_results
 
 BOOT = 60
@@ -71,6 +71,18 @@ def test_flat_noisy_grid_is_reported_as_not_informative(flat):
     text = summary_markdown(flat)
     assert "not informative" in text and "No plan" in text
     assert "a = " not in text and "N* = " not in text and "α = " not in text  # no confident numbers
+
+
+def test_profile_doubt_names_each_reason_and_trusts_a_clean_profile():
+    sampled, curved = (10.0, 14.0), [0.1, 0.3]
+    assert profile_doubt(sampled, 12.0, [11.5, 12.5], curved) == ""
+    assert "curved" in profile_doubt(sampled, 12.0, [11.5, 12.5], [-0.1, 0.3])
+    assert "extrapolated" in profile_doubt(sampled, 15.0, [11.5, 12.5], curved)
+    assert "beyond" in profile_doubt(sampled, 12.0, [9.0, 12.5], curved)
+    assert "beyond" in profile_doubt(sampled, 12.0, [math.nan, 12.5], curved)
+    # a bootstrap whose percentile interval misses the fit itself (seen on a tiny real grid): not trusted, and no
+    # negative error bar reaches the figures
+    assert "unstable" in profile_doubt(sampled, 12.0, [12.2, 13.0], curved)
 
 
 def test_budgets_come_from_cell_keys_or_flops_clusters():

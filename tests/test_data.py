@@ -255,3 +255,36 @@ def test_training_windows_are_uniform_over_transitions_and_mixed_across_episodes
 def batches_of(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def test_shifted_windows_end_at_the_episode_end_and_padded_ones_run_past_it(hopper):
+    """data.window_cut: the same random draws, moved back to end at the episode end (DT's Atari cut) or kept and
+    padded; an episode shorter than K is one padded window either way; validation is padded in both modes."""
+    index = D.read_index(hopper)
+    k = 40
+    starts = {}
+    for cut in ("padded", "shifted"):
+        cfg = cfg_for(hopper, f"data.context_len={k}", "data.batch_size=32", f"data.window_cut={cut}")
+        loader = D.make_loader(index["shards"], index, cfg, 0, 1, seed=5, exact=False, num_workers=0)
+        loader.collate_fn = lambda refs: [(len(ep["actions"]), s) for ep, s in refs]
+        starts[cut] = [w for b in batches_of(loader, 40) for w in b]
+    assert [t for t, _ in starts["padded"]] == [t for t, _ in starts["shifted"]]  # same episodes drawn
+    crossing = 0
+    for (length, padded), (_, shifted) in zip(starts["padded"], starts["shifted"]):
+        if padded + k <= length:
+            assert shifted == padded
+        else:
+            crossing += 1
+            assert shifted == max(0, length - k) and (length < k or shifted + k == length)
+    assert crossing > 10  # the draws reached the episode ends often enough to test the cut
+    with pytest.raises(Exception, match="window_cut"):
+        cfg_for(hopper, "data.window_cut=left")
+    # the shifted cut moves whole windows: the batch it collates is fully real (mask all true) where the episode
+    # is at least K long
+    cfg = cfg_for(hopper, f"data.context_len={k}", "data.window_cut=shifted")
+    maker = D.WindowMaker(index, cfg)
+    episode = max(episodes_of(index), key=lambda e: len(e["actions"]))
+    length = len(episode["actions"])
+    assert length >= k
+    batch = maker.collate([(episode, maker.training_start(length - 1, length))])
+    assert batch["mask"].all() and int(batch["timesteps"][0, -1]) == length - 1

@@ -191,13 +191,7 @@ def isoflop_analysis(cells: Cells, n_boot: int, rng: np.random.Generator) -> dic
             continue
         coef, x_star = full[c]
         curv_ci, x_ci = interval(boot_curv[c]), interval(boot_x[c])
-        reason = ""
-        if not curv_ci[0] > 0:
-            reason = f"flat or not curved upwards: curvature interval [{curv_ci[0]:.3g}, {curv_ci[1]:.3g}] reaches 0"
-        elif not ln[idx].min() <= x_star <= ln[idx].max():
-            reason = "the minimum lies outside the sampled sizes (extrapolated)"
-        elif not ln[idx].min() <= x_ci[0] <= x_ci[1] <= ln[idx].max():  # nan-safe: a nan fails
-            reason = "the minimum's interval reaches beyond the sampled sizes"
+        reason = profile_doubt((ln[idx].min(), ln[idx].max()), x_star, x_ci, curv_ci)
         band = np.nanpercentile(boot_curve[c], [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)], axis=0)
         entry |= {"coef": coef.tolist(), "curvature_ci": curv_ci, "informative": not reason, "reason": reason,
                   "n_star": math.exp(x_star) if math.isfinite(x_star) else math.nan,
@@ -210,6 +204,19 @@ def isoflop_analysis(cells: Cells, n_boot: int, rng: np.random.Generator) -> dic
     usable = [p["budget"] for p in profiles if p["informative"]]
     frontier = frontier_from_profiles(usable, full, boot_x, (fpt_b0, fpt_b1))
     return {"profiles": profiles, "frontier": frontier, "flops_per_token": {"log_coef": fpt_b0, "exponent": fpt_b1}}
+
+
+def profile_doubt(sampled: tuple[float, float], x_star: float, x_ci: list[float], curv_ci: list[float]) -> str:
+    """Why one isoFLOP profile's optimum cannot be trusted ("" when it can). Sizes are in log N."""
+    if not curv_ci[0] > 0:
+        return f"flat or not curved upwards: curvature interval [{curv_ci[0]:.3g}, {curv_ci[1]:.3g}] reaches 0"
+    if not sampled[0] <= x_star <= sampled[1]:
+        return "the minimum lies outside the sampled sizes (extrapolated)"
+    if not sampled[0] <= x_ci[0] <= x_ci[1] <= sampled[1]:  # nan-safe: a nan fails
+        return "the minimum's interval reaches beyond the sampled sizes"
+    if not x_ci[0] <= x_star <= x_ci[1]:
+        return "unstable: the fitted minimum lies outside its own bootstrap interval"
+    return ""
 
 
 def frontier_from_profiles(budgets: list[float], full: dict, boot_x: dict, fpt: tuple[float, float]) -> dict:
