@@ -87,6 +87,10 @@ class RolloutWorker:
                            "node_resources": custom}
         return self._where
 
+    def env_stats(self) -> dict:
+        """The env batch's backend and, for EnvPool, how many pools this actor has made (one per actor)."""
+        return {"env_backend": str(self.cfg.env_backend), "pools_made": getattr(self.envs, "pools_made", None)}
+
     def run(self, tasks: list[EpisodeTask], payload_box: list) -> list[dict]:
         """``payload_box``: ``[payload_ref]`` (nested, so Ray hands the reference over unresolved and the payload is
         fetched once per actor process), or ``[payload]`` in-process."""

@@ -1,21 +1,28 @@
 """The evaluation protocols on EnvPool (C++ thread pools with the DQN preprocessing built in): ``eval.env_backend
 = envpool``.
 
-``envpool_id`` / ``envpool_kwargs`` map an ``EvalConfig`` onto EnvPool's options; ``EnvPoolBatch`` is the batch of
-envs a rollout actor steps (the interface of evaluation/batch.py). Where EnvPool differs from the gymnasium
-reference (docs/evaluation.md, "EnvPool backend"):
+``envpool_id`` / ``envpool_kwargs`` map an ``EvalConfig`` onto EnvPool's options and refuse the protocol switches
+EnvPool cannot express; ``EnvPoolBatch`` is the batch of envs a rollout actor steps (the interface of
+evaluation/batch.py). Where EnvPool differs from the gymnasium reference (docs/evaluation.md, "EnvPool backend"):
 
-- No-ops at reset: 1..``noop_max`` frames on both (EnvPool cannot take none: ``noop_max >= 1``).
-- EnvPool fixes an env's seed when the pool is made (``reset(seed=)`` is ignored), so every group of episodes gets
-  a fresh pool with ``env_seed`` = the episodes' seeds (reduced into int32, EnvPool's range); the no-op count and
-  sticky actions come from EnvPool's own generators, so a seed gives another no-op count than under gymnasium.
+- Frames: EnvPool max-pools the last two raw frames, then resizes (Dopamine's order, ``frame_processing=dopamine``);
+  it cannot resize each frame first, so ``frame_processing=dt`` is refused (gymnasium runs it).
+- No-ops at reset: 1..``noop_max`` frames (EnvPool draws ``1 + uniform(0, noop_max - 1)``), so ``noop_min`` must be
+  1 and ``noop_max >= 1``; DT's 0..29 (``noop_min=0``) is refused (gymnasium runs it).
+- Seeds: one pool per actor, made once (on the actor's first group) and reset per episode. EnvPool fixes each env's
+  generator when the pool is made (``reset(seed=)`` is ignored), so env ``j`` is made with ``env_seed`` = the
+  episode seed of slot ``j`` of that first group (mod 2**31 - 1, EnvPool's range; slots that group leaves empty get
+  seeds derived from it) and every later episode in slot ``j`` draws its no-op count, sticky actions or MuJoCo
+  initial noise from that env's continuing generator. The per-episode seed still seeds the policy's sampler.
+  Where the protocol draws nothing (Atari with ``noop_max=1`` and no sticky actions) an episode depends only on
+  the policy and its seed; elsewhere it depends on its slot's history too (docs/evaluation.md).
 - Atari episodes are capped at ``max_episode_frames // frame_skip`` agent steps (EnvPool counts agent steps; ALE
   counts emulator frames, the no-op frames of the reset included).
-- ``terminal_on_life_loss`` maps to ``episodic_life``: the episode ends at the first life lost in both.
+- ``terminal_on_life_loss``: the batch ends the episode at the first life lost (EnvPool runs with
+  ``episodic_life=False``, whose reset would continue the same game in a reused env).
 - EnvPool's frame stack repeats the first frame; ``frame_padding="zero"`` zeroes the stack's slots before the first
   frame here, as the reference does.
-- All envs of a pool step together: a slot whose episode ended is stepped (and auto-reset) by EnvPool while the
-  others finish; its outputs are ignored, as in the reference.
+- Only the slots whose episode is still running are stepped (EnvPool's ``env_id``), as in the reference.
 """
 from __future__ import annotations
 
@@ -38,18 +45,36 @@ def envpool_id(eval_env: dict, cfg: Any) -> str:
                      f"eval.env_backend=gymnasium)")
 
 
+def check_atari(cfg: Any) -> None:
+    """Refuses the Atari protocol switches EnvPool cannot express, naming the key, its value and the backend that
+    runs it."""
+    processing = str(getattr(cfg, "frame_processing", "dopamine"))
+    if processing != "dopamine":
+        raise ValueError(f"eval.frame_processing={processing}: EnvPool max-pools the last two raw frames and then "
+                         f"resizes (Dopamine's order, eval.frame_processing=dopamine); it cannot resize each frame "
+                         f"first as DT does. Use eval.env_backend=gymnasium for eval.frame_processing={processing}")
+    noop_min = int(getattr(cfg, "noop_min", 1))
+    if noop_min != 1:
+        raise ValueError(f"eval.noop_min={noop_min}: EnvPool draws 1..noop_max no-op frames at reset "
+                         f"(eval.noop_min=1 only). Use eval.env_backend=gymnasium for eval.noop_min={noop_min} "
+                         f"(DT's 0..29 is noop_min=0, noop_max=29)")
+    if int(cfg.noop_max) < 1:
+        raise ValueError(f"eval.noop_max={cfg.noop_max}: EnvPool always takes 1..noop_max no-op frames at reset "
+                         f"(noop_max >= 1); use eval.env_backend=gymnasium for episodes without no-ops")
+    if int(cfg.max_episode_frames) % int(cfg.frame_skip):
+        raise ValueError(f"eval.max_episode_frames={cfg.max_episode_frames} is not a multiple of "
+                         f"eval.frame_skip={cfg.frame_skip}: EnvPool caps episodes in agent steps; use a multiple "
+                         f"or eval.env_backend=gymnasium")
+
+
 def envpool_kwargs(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
-    """EnvPool's options for the protocol ``cfg`` (docs/evaluation.md lists the mapping)."""
+    """EnvPool's options for the protocol ``cfg`` (docs/evaluation.md lists the mapping); a ``ValueError`` for what
+    EnvPool cannot run."""
     if eval_env.get("kind") == "atari":
-        if int(cfg.noop_max) < 1:
-            raise ValueError(f"eval.noop_max={cfg.noop_max}: EnvPool always takes 1..noop_max no-op frames at reset "
-                             f"(noop_max >= 1); use eval.env_backend=gymnasium for episodes without no-ops")
-        if int(cfg.max_episode_frames) % int(cfg.frame_skip):
-            raise ValueError(f"eval.max_episode_frames={cfg.max_episode_frames} is not a multiple of "
-                             f"eval.frame_skip={cfg.frame_skip}: EnvPool caps episodes in agent steps")
+        check_atari(cfg)
         return {"frame_skip": int(cfg.frame_skip), "noop_max": int(cfg.noop_max),
                 "repeat_action_probability": float(cfg.repeat_action_probability),
-                "episodic_life": bool(cfg.terminal_on_life_loss), "zero_discount_on_life_loss": False,
+                "episodic_life": False, "zero_discount_on_life_loss": False,
                 "reward_clip": False, "stack_num": int(frame_stack), "img_height": 84, "img_width": 84,
                 "gray_scale": True, "use_inter_area_resize": True, "use_fire_reset": False,
                 "full_action_space": bool(cfg.full_action_space),
@@ -58,9 +83,20 @@ def envpool_kwargs(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
     return {"max_episode_steps": int(cfg.max_episode_steps)}
 
 
+def construction_seeds(seeds: Sequence[int], n_envs: int) -> list[int]:
+    """EnvPool's ``env_seed`` for a pool of ``n_envs`` made at a group with episode seeds ``seeds``: slot ``j`` gets
+    ``seeds[j]``, slots past the group get seeds derived from the group's; all reduced into EnvPool's int32 range."""
+    out = [int(s) for s in seeds[:n_envs]]
+    if len(out) < n_envs:
+        extra = np.random.SeedSequence([int(s) & 0xFFFFFFFF for s in seeds] + [n_envs]).generate_state(n_envs)
+        out += [int(s) for s in extra[len(out):]]
+    return [s % INT32_SEEDS for s in out]
+
+
 class EnvPoolBatch:
-    """``n_envs`` envs in one EnvPool (one C++ thread: a rollout actor holds one CPU), rebuilt per group with the
-    group's episode seeds. Observations follow the reference: zero-padded Atari stacks, normalised float32 states."""
+    """``n_envs`` envs in one EnvPool (one C++ thread: a rollout actor holds one CPU), made once, on the first
+    ``reset``, and reset per episode after that (``pools_made`` counts the pools made). Observations follow the
+    reference: zero-padded Atari stacks, normalised float32 states."""
 
     def __init__(self, eval_env: dict, cfg: Any, dataset_info: Optional[dict], n_envs: int, frame_stack: int = 4,
                  threads: int = 1):
@@ -69,47 +105,80 @@ class EnvPoolBatch:
         self.envpool = envpool
         self.task_id, self.kwargs = envpool_id(eval_env, cfg), envpool_kwargs(eval_env, cfg, frame_stack)
         self.n, self.threads = int(n_envs), int(threads)
+        if self.n < 1:
+            raise ValueError(f"an EnvPool batch needs at least one env, got n_envs={n_envs}")
         self.atari = eval_env["kind"] == "atari"
         self.zero_padding = self.atari and cfg.frame_padding == "zero"
+        self.life_loss_ends = self.atari and bool(cfg.terminal_on_life_loss)
         info = dataset_info or {}
         self.mean = self.scale = None
         if not self.atari and info.get("state_mean") is not None:
             self.mean = np.asarray(info["state_mean"], np.float64)
             self.scale = np.asarray(info["state_std"], np.float64) + float(cfg.state_std_eps)
-        self.pool = self._pool([0])
-        self.action_space = self.pool.action_space
-        shape = self.pool.observation_space.shape
+        spec = envpool.make_spec(self.task_id, **self.kwargs)  # spaces without making a pool
+        self.action_space, self.observation_space = spec.action_space, spec.observation_space
+        shape = self.observation_space.shape
         if self.mean is not None and (self.mean.shape != shape or self.scale.shape != shape):
             raise ValueError(f"state normalisation: mean {self.mean.shape} / std {self.scale.shape} do not match the "
                              f"env's observation shape {shape}")
-        self.t = 0
+        self.pool = None
+        self.pools_made = 0
+        self.env_seeds: list[int] = []  # the pool's env_seed, once made
+        self.t = np.zeros(self.n, np.int64)  # agent steps since each slot's reset (the zero padding)
+        self.lives = np.zeros(self.n, np.int64)
 
-    def _pool(self, seeds: Sequence[int]) -> Any:
-        return self.envpool.make(self.task_id, env_type="gymnasium", num_envs=len(seeds), batch_size=len(seeds),
-                                 num_threads=self.threads, env_seed=[int(s) % INT32_SEEDS for s in seeds],
-                                 **self.kwargs)
+    def _make_pool(self, seeds: Sequence[int]) -> None:
+        self.env_seeds = construction_seeds(seeds, self.n)
+        self.pool = self.envpool.make(self.task_id, env_type="gymnasium", num_envs=self.n, batch_size=self.n,
+                                      num_threads=self.threads, env_seed=self.env_seeds, **self.kwargs)
+        self.pools_made += 1
 
     def __len__(self) -> int:
         return self.n
 
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
-        if len(seeds) > self.n:
-            raise ValueError(f"{len(seeds)} episodes for {self.n} envs")
-        self.pool.close()
-        self.pool = self._pool(seeds)
-        self.t = 0
-        return self.observation(self.pool.reset()[0])
+        """Starts an episode in slots ``0 .. len(seeds) - 1``; the pool is made at the first call (module doc:
+        seeds)."""
+        k = len(seeds)
+        if not 1 <= k <= self.n:
+            raise ValueError(f"{k} episodes for {self.n} envs")
+        if self.pool is None:
+            self._make_pool(seeds)
+        ids = np.arange(k, dtype=np.int32)
+        obs, info = self.pool.reset(env_id=ids)
+        order = np.asarray(info["env_id"])
+        out = np.zeros((k, *self.observation_space.shape), self.observation_space.dtype)
+        out[order] = obs
+        self.t[:k] = 0
+        if self.atari:
+            self.lives[order] = info["lives"]
+        return self.observation(out, self.t[:k])
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, ...]:
-        obs, rewards, terminated, truncated, _ = self.pool.step(np.asarray(actions))
-        self.t += 1
-        return self.observation(obs), rewards.astype(np.float64), terminated, truncated
+        """Steps the ``active`` slots only; returns (observations, rewards, terminated, truncated) for every slot of
+        the group (the entries of inactive slots are zeros, to be ignored)."""
+        n = len(active)
+        ids = np.flatnonzero(active).astype(np.int32)
+        obs = np.zeros((n, *self.observation_space.shape), self.observation_space.dtype)
+        rewards, terminated, truncated = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+        if len(ids) == 0:
+            return self.observation(obs, self.t[:n]), rewards, terminated, truncated
+        o, r, term, trunc, info = self.pool.step(np.asarray(actions)[ids], env_id=ids)
+        order = np.asarray(info["env_id"])
+        obs[order], rewards[order], terminated[order], truncated[order] = o, r, term, trunc
+        if self.life_loss_ends:  # gymnasium's AtariPreprocessing: a life lost ends the episode
+            lives = np.asarray(info["lives"])
+            terminated[order] |= lives < self.lives[order]
+            self.lives[order] = lives
+        self.t[order] += 1
+        return self.observation(obs, self.t[:n]), rewards, terminated, truncated
 
-    def observation(self, obs: np.ndarray) -> np.ndarray:
-        """A copy (EnvPool's arrays are views of its own buffers) in the reference's form."""
-        obs = np.array(obs)
-        if self.zero_padding and self.t < obs.shape[1] - 1:
-            obs[:, :obs.shape[1] - 1 - self.t] = 0  # the stack's slots before the first frame
+    def observation(self, obs: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """``obs`` (owned here) in the reference's form; ``t``: each slot's agent steps since its reset."""
+        if self.zero_padding:
+            stack = obs.shape[1]
+            for i in np.flatnonzero(t < stack - 1):
+                obs[i, :stack - 1 - t[i]] = 0  # the stack's slots before the first frame
         if self.mean is not None:
             return ((obs - self.mean) / self.scale).astype(np.float32)
         return obs
@@ -118,4 +187,6 @@ class EnvPoolBatch:
         return None
 
     def close(self) -> None:
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None

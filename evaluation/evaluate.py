@@ -109,6 +109,8 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
     if cfg.episodes < 1 or cfg.actors < 1 or cfg.envs_per_actor < 1:
         raise ValueError(f"episodes, actors and envs_per_actor must be >= 1, got {cfg.episodes}, {cfg.actors}, "
                          f"{cfg.envs_per_actor}")
+    frame_stack = int(payload.get("spec", {}).get("obs_shape", [4])[0])
+    protocol(eval_env, cfg, frame_stack)  # refuses what the backend cannot run, before any actor starts
     record = record_dir is not None
     tasks = make_tasks(targets, int(cfg.episodes), int(cfg.seed), record=record)
     groups = groups_of(tasks, int(cfg.envs_per_actor))
@@ -130,7 +132,6 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
             path = Path(record_dir) / f"{env_name(eval_env)}-target{e['target']:g}-episode{e['index']}.gif"
             atomic_write_bytes(path, gif)
             e["gif"] = str(path)
-    frame_stack = int(payload.get("spec", {}).get("obs_shape", [4])[0])
     mode = acting_mode(from_yaml_text(payload["config"]).model.family, cfg.mode) if payload["kind"] == "model" else "-"
     return {
         "checkpoint": checkpoint, "policy": payload["kind"], "env": eval_env,
@@ -203,6 +204,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         payload, base = random_payload(RANDOM_ENVS[args.random_env]), None
     cfg = build_config(base, args)
+    try:  # a protocol the backend cannot run stops here, before Ray starts
+        protocol(eval_env_of(payload["dataset_info"], payload.get("spec")), cfg,
+                 int(payload.get("spec", {}).get("obs_shape", [4])[0]))
+    except ValueError as e:
+        raise SystemExit(f"evaluate: {e}")
     output = Path(args.output)
     start_ray(args.address, args.num_cpus or (None if args.address else max(1, int(cfg.actors))))
     try:

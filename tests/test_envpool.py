@@ -1,7 +1,8 @@
 """The EnvPool evaluation backend against the gymnasium reference: bit-identical Atari episodes where the protocol is
-deterministic, matching return distributions where it is not (two-sample Kolmogorov-Smirnov and Welch tests at
-alpha = 0.01), deterministic results through Ray whatever the number of actors, and no Ray warning about constructor
-arguments in the object store."""
+deterministic (in a pool made once and reused across groups), matching return distributions where it is not
+(two-sample Kolmogorov-Smirnov and Welch tests at alpha = 0.01), one pool per Ray actor across its groups,
+reproducible results for a given seed and schedule, the protocol switches EnvPool cannot express refused at start-up,
+and no Ray warning about constructor arguments in the object store."""
 from __future__ import annotations
 
 import json
@@ -35,28 +36,51 @@ def test_atari_episodes_are_bit_identical_where_the_protocol_is_deterministic():
     """One no-op frame (EnvPool's least; gymnasium draws 1..1 too) and no sticky actions: nothing is random, so the
     same actions give the same zero-padded frame stacks, rewards and episode ends on both backends. The one frame
     that differs is an episode's last (ALE's game over cuts the frame skip: EnvPool then skips the max-pool); no
-    policy ever sees it."""
+    policy ever sees it. Three groups run in one pool (made once, reset per episode), the last with fewer episodes
+    than envs, so reused envs and unused slots are covered too (Breakout's reset is history-independent)."""
     cfg = config(noop_max=1, max_episode_frames=2000)
     reference = make_batch(BREAKOUT, cfg, None, 3)
     fast = make_batch(BREAKOUT, OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, 3)
-    obs_ref, obs_fast = reference.reset([1, 2, 3]), fast.reset([1, 2, 3])
-    np.testing.assert_array_equal(obs_ref, obs_fast)
-    assert obs_ref[:, :3].max() == 0 and obs_ref[:, 3].max() > 0  # the stack before the first frame is zeros
     rng = np.random.default_rng(0)
-    done, steps, total = np.zeros(3, bool), 0, np.zeros(3)
-    while not done.all():
-        actions = rng.integers(0, 4, 3)
-        o_ref, r_ref, term_ref, trunc_ref = reference.step(actions, ~done)
-        o_fast, r_fast, term_fast, trunc_fast = fast.step(actions, ~done)
-        active = ~done
-        np.testing.assert_array_equal(r_ref[active], r_fast[active])
-        np.testing.assert_array_equal((term_ref | trunc_ref)[active], (term_fast | trunc_fast)[active])
-        going = active & ~(term_ref | trunc_ref)  # a last frame is never acted on (and the two max-pool it apart)
-        np.testing.assert_array_equal(o_ref[going], o_fast[going])
-        total += np.where(active, r_ref, 0)
-        done |= active & (term_ref | trunc_ref)
-        steps += 1
-    assert steps > 100 and total.sum() > 0  # long enough to score: the comparison covers real play
+    for seeds in ([1, 2, 3], [4, 5, 6], [7, 8]):
+        n = len(seeds)
+        obs_ref, obs_fast = reference.reset(seeds), fast.reset(seeds)
+        np.testing.assert_array_equal(obs_ref, obs_fast)
+        assert obs_ref[:, :3].max() == 0 and obs_ref[:, 3].max() > 0  # the stack before the first frame is zeros
+        done, steps, total = np.zeros(n, bool), 0, np.zeros(n)
+        while not done.all():
+            actions = rng.integers(0, 4, n)
+            o_ref, r_ref, term_ref, trunc_ref = reference.step(actions, ~done)
+            o_fast, r_fast, term_fast, trunc_fast = fast.step(actions, ~done)
+            active = ~done
+            np.testing.assert_array_equal(r_ref[active], r_fast[active])
+            np.testing.assert_array_equal((term_ref | trunc_ref)[active], (term_fast | trunc_fast)[active])
+            going = active & ~(term_ref | trunc_ref)  # a last frame is never acted on (the two max-pool it apart)
+            np.testing.assert_array_equal(o_ref[going], o_fast[going])
+            total += np.where(active, r_ref, 0)
+            done |= active & (term_ref | trunc_ref)
+            steps += 1
+        assert steps > 100 and total.sum() > 0  # long enough to score: the comparison covers real play
+    assert fast.pools_made == 1 and fast.env_seeds == [1, 2, 3]  # made at the first group, with its seeds
+
+
+def test_a_reused_pool_gives_the_same_results_for_the_same_seeds_and_schedule():
+    """A random protocol (no-op starts 1..30, sticky actions): every episode after the first group draws from its
+    env's continuing generator, so two batches fed the same groups in the same order give identical episodes, and a
+    batch made at another first group gives other no-op counts for the same later group."""
+    cfg = config(env_backend="envpool", max_episode_frames=2000, repeat_action_probability=0.25)
+    tasks = make_tasks([90.0], 12, 0)
+
+    def run(groups):
+        batch = make_batch(BREAKOUT, cfg, None, 4)
+        out = [[(r["return"], r["length"]) for r in run_group(batch, RandomPolicy(batch.action_space), tasks[g:g + 4])]
+               for g in groups]
+        assert batch.pools_made == 1
+        return out
+
+    first, again = run([0, 4, 8]), run([0, 4, 8])
+    assert first == again
+    assert run([4, 8])[1] != first[2]  # group 8 on a pool made at group 4: other env histories
 
 
 def returns(eval_env, cfg, episodes, n_envs, policy_of=RandomPolicy, seed=0):
@@ -103,22 +127,30 @@ def test_a_model_policy_scores_the_same_within_error(tmp_path):
 def test_envpool_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="noop_max"):
         make_batch(BREAKOUT, config(env_backend="envpool", noop_max=0), None, 1)
+    with pytest.raises(ValueError, match=r"eval.frame_processing=dt.*eval.env_backend=gymnasium"):
+        make_batch(BREAKOUT, config(env_backend="envpool", frame_processing="dt"), None, 1)
+    with pytest.raises(ValueError, match=r"eval.noop_min=0.*eval.env_backend=gymnasium"):
+        make_batch(BREAKOUT, config(env_backend="envpool", noop_min=0, noop_max=29), None, 1)
+    with pytest.raises(ValueError, match="max_episode_frames"):
+        make_batch(BREAKOUT, config(env_backend="envpool", max_episode_frames=1001), None, 1)
     with pytest.raises(ValueError, match="Atari and MuJoCo"):
         make_batch({"kind": "gymnasium", "id": "CartPole-v1"}, config(env_backend="envpool"), None, 1)
     with pytest.raises(ValueError, match="--record"):
         make_batch(BREAKOUT, config(env_backend="envpool"), None, 1, render=True)
 
 
-@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
-def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp_path, backend):
-    """1 vs 2 actors give the same episodes on either backend; the output never shows Ray's error line about actor
-    constructor arguments in the object store (the payload travels by reference with each group)."""
+@pytest.mark.parametrize("backend, runs", [("gymnasium", (1, 2)), ("envpool", (1, 1))])
+def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp_path, backend, runs):
+    """gymnasium: 1 vs 2 actors give the same episodes. EnvPool: one actor's pool, reused for its second group,
+    gives the same episodes for the same seed on a second run (with several actors an episode's initial noise
+    depends on which groups its actor ran before: docs/evaluation.md). The output never shows Ray's error line about
+    actor constructor arguments in the object store (the payload travels by reference with each group)."""
     from test_eval_policy import make_export
 
     export = make_export(tmp_path)
     results = {}
-    for actors in (1, 2):
-        output = tmp_path / f"results-{backend}-{actors}.json"
+    for run, actors in enumerate(runs):
+        output = tmp_path / f"results-{backend}-{run}.json"
         done = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(export), "--episodes",
                                "4", "--actors", str(actors), "--envs-per-actor", "2", "--targets", "3600", "--set",
                                f"env_backend={backend}", "--set", "max_episode_steps=60", "--output", str(output),
@@ -127,8 +159,53 @@ def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp
                               env=os.environ | {"PYTHONPATH": REPO})
         assert done.returncode == 0, done.stderr[-2000:]
         assert "constructor arguments in the object store" not in done.stdout + done.stderr
-        results[actors] = json.loads(output.read_text())
-        assert results[actors]["protocol"]["env_backend"] == backend
-        assert results[actors]["eval"]["env_backend"] == backend
-    assert [(e["return"], e["length"]) for e in results[1]["episodes"]] == \
-        [(e["return"], e["length"]) for e in results[2]["episodes"]]
+        results[run] = json.loads(output.read_text())
+        assert results[run]["protocol"]["env_backend"] == backend
+        assert results[run]["eval"]["env_backend"] == backend
+    assert [(e["return"], e["length"]) for e in results[0]["episodes"]] == \
+        [(e["return"], e["length"]) for e in results[1]["episodes"]]
+
+
+def test_evaluation_cli_refuses_envpool_switches_before_ray_starts(monkeypatch, capsys):
+    """DT's frame order and no-op range on EnvPool stop the command at start-up with the key, the value and the
+    backend that runs them; Ray is never started."""
+    from evaluation import evaluate
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(evaluate, "start_ray", no_ray)
+    for setting, message in ((["frame_processing=dt"], "eval.frame_processing=dt"),
+                             (["noop_min=0", "noop_max=29"], "eval.noop_min=0")):
+        sets = [a for kv in ["env_backend=envpool", *setting] for a in ("--set", kv)]
+        with pytest.raises(SystemExit, match=rf"{message}.*eval.env_backend=gymnasium"):
+            evaluate.main(["--random-env", "breakout", "--episodes", "1", *sets])
+
+
+def test_one_pool_per_ray_actor_across_groups(tmp_path):
+    """Two real Ray actors (EnvPool inside, 2 envs each) run five groups of a deterministic Breakout protocol
+    (one no-op frame, no sticky actions): each actor makes one pool and reuses it for every group it runs, and every
+    episode equals the gymnasium reference's for its seed, whichever actor ran it."""
+    import ray
+
+    from evaluation.actors import ActorFleet, run_groups
+    from evaluation.evaluate import start_ray
+    from evaluation.policy import random_payload
+    from evaluation.rollout import groups_of
+
+    cfg = config(env_backend="envpool", noop_max=1, max_episode_frames=1200)
+    tasks = make_tasks([90.0], 10, 3)
+    start_ray(num_cpus=2)
+    try:
+        fleet = ActorFleet(random_payload(BREAKOUT), OmegaConf.to_container(cfg), 2, 2, "recurrent", True)
+        episodes = run_groups(fleet, groups_of(tasks, 2))
+        stats = ray.get([a.env_stats.remote() for a in fleet.actors])
+        fleet.shutdown()
+    finally:
+        ray.shutdown()
+    assert [s["pools_made"] for s in stats] == [1, 1], stats
+    assert len({e["pid"] for e in episodes}) == 2  # both actors ran groups
+    reference = make_batch(BREAKOUT, config(noop_max=1, max_episode_frames=1200), None, 2)
+    expected = [(r["return"], r["length"]) for g in groups_of(tasks, 2)
+                for r in run_group(reference, RandomPolicy(reference.action_space), g)]
+    assert [(e["return"], e["length"]) for e in episodes] == expected
