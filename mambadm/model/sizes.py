@@ -4,6 +4,10 @@
 
 Models are built on the meta device (no memory, no init time) and counted with sum(p.numel()). "embedding" is the
 token embedding module (return-to-go, state encoder, action, timestep tables); "non-embedding" is the rest.
+
+The ladder xs .. xxl (28M at most) serves the grids; 100m, 300m and 1b are the large presets whose names state their
+nominal size (`nominal_params`): each family's total lies in NOMINAL_BAND times it on both specs, and the pairs are
+matched as the small ones are (tests/test_model_presets.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 from mambadm.config import CONFIGS_DIR, EnvSpec, load_config
 from mambadm.model import FAMILIES, build_model
 
-SIZES = ("xs", "s", "m", "l", "xl", "xxl")
+SIZES = ("xs", "s", "m", "l", "xl", "xxl", "100m", "300m", "1b")
+NOMINAL_BAND = (0.9, 1.25)  # a named size's presets hold 0.9x to 1.25x the parameters their name says (both specs)
 SPECS = {
     "atari": EnvSpec("atari", [4, 84, 84], 18, True, 4096),  # full action set
     "mujoco": EnvSpec("vector", [17], 6, False, 1000),  # halfcheetah / walker2d
@@ -27,6 +32,15 @@ def preset_sizes(family: str) -> list[str]:
     """Preset names of a family present in configs/model, in SIZES order (then any others, sorted)."""
     found = {p.stem.split("-", 1)[1] for p in (CONFIGS_DIR / "model").glob(f"{family}-*.yaml")}
     return [s for s in SIZES if s in found] + sorted(found - set(SIZES))
+
+
+def nominal_params(size: str) -> int | None:
+    """The parameter count a preset's name states ('100m' -> 100e6, '1b' -> 1e9), None for the letter sizes."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(size[-1:].lower())
+    number = size[:-1]
+    if scale is None or not number.replace(".", "", 1).isdigit():
+        return None
+    return round(float(number) * scale)
 
 
 def count(family: str, size: str, spec: EnvSpec, context_len: int = 30) -> dict[str, Any]:
