@@ -86,6 +86,7 @@ class ModelConfig:
     position_tokens: int = 0  # dt_global: rows of the learned per-token position table (DT Atari: 3K + 1)
     token_norm: bool = True  # LayerNorm over every token (DT's gym code; its Atari code has only dropout)
     init: str = "project"  # project | dt: the reference's initialisation (mambadm/model/embeddings.py)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward (large presets, docs/training.md)
 
 
 @dataclass

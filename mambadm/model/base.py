@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from mambadm.config import EnvSpec, ModelConfig
 from mambadm.model.embeddings import ActionHead, TokenEmbedding, atari_encoder_flops
@@ -71,6 +72,19 @@ class DecisionModel(nn.Module):
     # ------------------------------------------------------------------------------------------- training
     def backbone(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def run_layers(self, tokens: Tensor) -> Tensor:
+        """tokens through `self.layers` in order. With ``model.grad_checkpoint`` (training, gradients on) each block
+        keeps only its input and recomputes its activations in the backward (torch.utils.checkpoint, RNG state
+        restored, so dropout masks and gradients are those of the plain run): one block's activations in memory
+        at a time, for about one more forward of compute."""
+        if not (self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()):
+            for layer in self.layers:
+                tokens = layer(tokens)
+            return tokens
+        for layer in self.layers:
+            tokens = checkpoint(layer, tokens, use_reentrant=False)
+        return tokens
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Action predictions (B, K, act_dim) read at each step's state token."""

@@ -74,9 +74,7 @@ class DecisionTransformer(DecisionModel):
         return super().act_window(state, rtg, obs, prev_action, t)
 
     def backbone(self, tokens: Tensor) -> Tensor:
-        for layer in self.layers:
-            tokens = layer(tokens)
-        return self.norm_f(tokens)
+        return self.norm_f(self.run_layers(tokens))
 
     def backbone_flops_per_token(self, context_len: int) -> float:
         c, T = self.cfg, 3 * context_len

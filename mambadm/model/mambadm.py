@@ -31,9 +31,7 @@ class MambaDM(DecisionModel):
         self.norm_f = nn.LayerNorm(cfg.d_model)
 
     def backbone(self, tokens: Tensor) -> Tensor:
-        for layer in self.layers:
-            tokens = layer(tokens)
-        return self.norm_f(tokens)
+        return self.norm_f(self.run_layers(tokens))
 
     # ------------------------------------------------------------------------------------------- acting
     def init_state(self, batch_size: int, mode: str = "recurrent", context_len: int = 30,
