@@ -34,6 +34,8 @@ import webdataset as wds
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mambadm.batch_slots import SLOT_KEY, BatchSlots, SlotReturningIter, shared_tensor
+
 STATE_STD_EPS = 1e-6  # added to the dataset's state std before dividing (as the DT code does)
 WINDOWS_PER_STEP = 0.05  # training: random windows drawn per step of a decoded episode (5 per 100, as before)
 FORMAT_VERSION = 2  # of the shards this loader reads (index.json's format_version)
@@ -171,15 +173,6 @@ def decode(sample: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- windows
-def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; inside a DataLoader worker it is allocated in shared memory (as torch's own
-    ``default_collate`` does), so handing the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    elem = torch.empty(0, dtype=dtype)
-    return elem.new(elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)).resize_(shape)
-
-
 class WindowMaker:
     """Cuts K-step windows from decoded episodes: a window is ``(episode, start)`` until ``collate`` writes a batch.
 
@@ -195,6 +188,7 @@ class WindowMaker:
         self.rtg_scale = float(data_cfg.rtg_scale)
         self.frame_stack = int(data_cfg.frame_stack) if self.atari else 1
         self.shift = data_cfg.window_cut == "shifted"
+        self.slots: BatchSlots | None = None  # set by SlotLoader for each iteration with workers
         if not self.atari:
             self.mean = np.asarray(index["state_mean"], np.float32)
             self.std = np.asarray(index["state_std"], np.float32) + STATE_STD_EPS
@@ -289,14 +283,16 @@ class WindowMaker:
         b, k, fs = len(windows), self.k, self.frame_stack
         first = windows[0][0]
         obs_shape, act_shape = first["obs"].shape[1:], first["actions"].shape[1:]
-        states = batch_tensor((b, k + fs - 1, *obs_shape) if self.atari else (b, k, *obs_shape),
-                              torch.uint8 if self.atari else torch.float32)
-        small = {"actions": batch_tensor((b, k, *act_shape), torch.int64 if self.discrete else torch.float32),
-                 "rtg": batch_tensor((b, k), torch.float32), "timesteps": batch_tensor((b, k), torch.int64),
-                 "mask": batch_tensor((b, k), torch.bool)}
-        for tensor in small.values():
+        layout = {"frames" if self.atari else "states": ((b, k + fs - 1, *obs_shape) if self.atari else
+                                                         (b, k, *obs_shape), torch.uint8 if self.atari else
+                                                         torch.float32),
+                  "actions": ((b, k, *act_shape), torch.int64 if self.discrete else torch.float32),
+                  "rtg": ((b, k), torch.float32), "timesteps": ((b, k), torch.int64), "mask": ((b, k), torch.bool)}
+        slot, batch = self.batch_tensors(layout)
+        states, *small = batch.values()
+        for tensor in small:
             tensor.zero_()
-        states_np, act, rtg, timesteps, mask = (t.numpy() for t in (states, *small.values()))
+        states_np, act, rtg, timesteps, mask = (t.numpy() for t in batch.values())
         for row, (episode, start) in enumerate(windows):
             obs = episode["obs"]
             end = min(start + k, len(obs))
@@ -314,7 +310,19 @@ class WindowMaker:
             np.divide(episode["rtg"][start:end], self.rtg_scale, out=rtg[row, :n])
             timesteps[row, :n] = episode["timesteps"][start:end]
             mask[row, :n] = True
-        return {"frames" if self.atari else "states": states, **small}
+        return batch if slot is None else {**batch, SLOT_KEY: torch.tensor(slot)}
+
+    def batch_tensors(self, layout: dict) -> tuple[tuple[int, int] | None, dict[str, torch.Tensor]]:
+        """Uninitialised batch tensors of ``layout`` (name -> (shape, dtype)). In a loader worker they are in shared
+        memory, so handing the batch to the main process copies nothing, and come from a reused slot when the
+        loader has them (mambadm/batch_slots.py); the slot is returned as (worker, slot), else None."""
+        info = get_worker_info()
+        if info is None:
+            return None, {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
+        if self.slots is None:
+            return None, {k: shared_tensor(shape, dtype) for k, (shape, dtype) in layout.items()}
+        slot, tensors = self.slots.tensors(layout)
+        return (info.id, slot), tensors
 
 
 # ----------------------------------------------------------------------------------------------- streams
@@ -376,9 +384,22 @@ def make_loader(shards: list[dict], index: dict, data_cfg: Any, rank: int, world
     workers = int(data_cfg.num_workers if num_workers is None else num_workers)
     dataset = WindowStream(shards, maker, rank, world_size, seed, exact,
                            0 if exact else int(data_cfg.shuffle_buffer))
-    return DataLoader(dataset, batch_size=int(data_cfg.batch_size), num_workers=workers, collate_fn=maker.collate,
+    return SlotLoader(dataset, batch_size=int(data_cfg.batch_size), num_workers=workers, collate_fn=maker.collate,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
                       worker_init_fn=_share_by_file_name if workers else None)
+
+
+class SlotLoader(DataLoader):
+    """A DataLoader whose workers reuse their batch buffers (mambadm/batch_slots.py): each iteration with workers
+    gets fresh slot flags before its workers start, and its iterator hands freed slots back."""
+
+    def __iter__(self):
+        maker = self.dataset.maker
+        if not self.num_workers:
+            maker.slots = None
+            return super().__iter__()
+        maker.slots = BatchSlots(self.num_workers)
+        return SlotReturningIter(super().__iter__(), maker.slots)
 
 
 def _share_by_file_name(_worker_id: int) -> None:

@@ -288,3 +288,39 @@ def test_shifted_windows_end_at_the_episode_end_and_padded_ones_run_past_it(hopp
     assert length >= k
     batch = maker.collate([(episode, maker.training_start(length - 1, length))])
     assert batch["mask"].all() and int(batch["timesteps"][0, -1]) == length - 1
+
+
+def test_workers_reuse_freed_batch_buffers_and_never_overwrite_a_held_batch(breakout, monkeypatch):
+    """Loader workers hand batches over in reused shared-memory slots (mambadm/batch_slots.py): a consumer that drops
+    each batch lets the worker reuse a few buffers; one that keeps every batch gets its own numbers in each, equal
+    to the in-process stream's."""
+    from mambadm import batch_slots
+
+    allocations = torch.zeros(1, dtype=torch.int64).share_memory_()  # counted in the forked worker
+    real = batch_slots.shared_tensor
+
+    def counted(shape, dtype):
+        allocations.add_(1)
+        return real(shape, dtype)
+
+    monkeypatch.setattr(batch_slots, "shared_tensor", counted)
+    index = D.read_index(breakout)
+    cfg = cfg_for(breakout, "data.context_len=8", "data.batch_size=16", "data.shuffle_buffer=50")
+    make = lambda workers: D.make_loader(index["shards"], index, cfg, 0, 1, seed=2, exact=False,  # noqa: E731
+                                         num_workers=workers)
+    n, tensors_per_batch = 40, 5
+    reference = batches_of(make(0), n)
+    held = batches_of(make(1), n)  # every batch kept: no slot can be handed back
+    assert "_slot" not in held[0]
+    for a, b in zip(reference, held):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert allocations.item() >= n * tensors_per_batch
+    allocations.zero_()
+    stream, sums = iter(make(1)), []
+    for _ in range(n):
+        batch = next(stream)
+        sums.append(float(batch["frames"].float().sum()))
+        del batch
+    del stream
+    assert sums == [float(b["frames"].float().sum()) for b in reference]
+    assert allocations.item() <= batch_slots.SLOTS_PER_WORKER * tensors_per_batch < n * tensors_per_batch
