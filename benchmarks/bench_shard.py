@@ -120,11 +120,11 @@ def collected_hopper(work: Path, n: int) -> Path:
 
 def bench_bytes(work: Path, demo_steps: int, hopper_steps: int, repeats: int, sources: list[str]) -> list[str]:
     inputs = []
-    if "dqn-replay" in sources:
+    if "dqn-replay" in sources and demo_steps:
         root = collected_atari(work, demo_steps, 10_000)
         inputs.append((f"Breakout, the demo's {demo_steps:,} steps (Dopamine .gz)", "dqn-replay", root,
                        sum(p.stat().st_size for p in root.rglob("*.gz"))))
-    if "d4rl" in sources:
+    if "d4rl" in sources and hopper_steps:
         path = collected_hopper(work, hopper_steps)
         inputs.append((f"Hopper, {hopper_steps:,} steps (D4RL HDF5)", "d4rl", path, path.stat().st_size))
     lines = []
@@ -219,8 +219,8 @@ WORKERS_HEADER = ("| input | wall s, 1 worker | wall s, 2 workers | wall speed-u
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo-steps", type=int, default=60_000, help="Breakout steps of the bytes comparison")
-    p.add_argument("--hopper-steps", type=int, default=20_000, help="Hopper steps of the bytes comparison")
+    p.add_argument("--demo-steps", type=int, default=60_000, help="Breakout steps of the bytes comparison (0: none)")
+    p.add_argument("--hopper-steps", type=int, default=20_000, help="Hopper steps of the bytes comparison (0: none)")
     p.add_argument("--d4rl", type=int, nargs="*", default=[50_000, 200_000], help="Hopper sizes for throughput")
     p.add_argument("--atari", type=int, nargs="*", default=[20_000, 100_000], help="Breakout checkpoint sizes")
     p.add_argument("--repeats", type=int, default=2, help="runs per version (or worker count); the best is kept")
