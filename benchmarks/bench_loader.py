@@ -16,8 +16,9 @@ worker's CPU time per window over the same batches (less disturbed by other jobs
 (VmHWM, which counts the pages it shares with the main process since the fork). Bound: the bytes a window must be
 written (its K + 3 frames into the batch) at this machine's memory copy rate, plus the frames decoded per window
 (1 / WINDOWS_PER_STEP) at the zstd decompression rate of these shards; and the same with the write rate into new
-shared memory, where a worker must put every batch it hands over (page faults included); all measured in the same
-run.
+shared memory (page faults included), where a worker that allocated every batch anew would have to put it (the
+workers reuse their batch buffers instead, mambadm/batch_slots.py, so the memory-copy bound is the one that
+applies); all measured in the same run.
 Mixing: over ``--mixing-batches`` batches of the same stream, the mean share of a batch's windows that come from
 its most common episode, and the mean number of episodes in a batch.
 
@@ -131,8 +132,8 @@ def mixing(loader, batches: int, warmup: int) -> tuple[float, float]:
 
 def write_rates() -> tuple[float, float]:
     """Bytes/s of copying a 256 MiB array into another (this machine's memory copy rate) and of writing a batch of
-    frames (128 x 33 x 84 x 84 bytes) into new shared memory, the way a loader worker must hand each batch over (the
-    page faults included); best of 3 each."""
+    frames (128 x 33 x 84 x 84 bytes) into new shared memory, as a loader worker allocating each batch anew would
+    hand it over (the page faults included); best of 3 each."""
     src, dst = np.ones(256 << 20, np.uint8), np.empty(256 << 20, np.uint8)
     copy = src.nbytes / min(timed(lambda: np.copyto(dst, src)) for _ in range(3))
     shape = (128, 33, 84, 84)
