@@ -1,4 +1,6 @@
-"""The `triton` backend against the reference scan: compiled on a GPU, in Triton's interpreter on a CPU."""
+"""The `triton` backend against the reference scan: compiled on a GPU, in Triton's interpreter on a CPU. Both
+kernel pairs (scan_triton.KERNELS: chunked, the default, and serial) at chunk-boundary edge cases: rows shorter
+than a chunk, a multiple of it, one past it, restarts on and across chunk boundaries, a returned last state."""
 import pytest
 import torch
 
@@ -8,6 +10,15 @@ from mambadm.ssm.scan_ref import selective_scan_ref
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, conftest.py selects Triton's interpreter
+KERNELS = ("chunked", "serial")
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setitem(scan_triton.LAUNCH, "kernel", request.param)
+    return request.param
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,13 +51,15 @@ def windows_ref(x: dict, segment: int | None, **kw) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d_state, length, segment, optional", [
-    (16, 37, None, True),  # more than two saved-state chunks, everything fused
+    (16, 37, None, True),  # several chunks (8 and 16 tokens) and a partial last one, everything fused
     (16, 37, 6, True),  # restarts inside and across chunks
     (5, 20, None, False),  # d_state not a power of two; no D, z, bias or softplus
-    (16, 33, 15, False),
+    (16, 33, 15, False),  # one token past a chunk multiple
+    (16, 5, None, True),  # a row shorter than one chunk
+    (16, 32, 8, True),  # rows of whole chunks; every restart on a chunk boundary
 ])
-def test_outputs_and_gradients_match_ref(d_state, length, segment, optional):
-    x = inputs(2, 40, d_state, length)  # 40 channels: a partial channel block
+def test_outputs_and_gradients_match_ref(kernel, d_state, length, segment, optional):
+    x = inputs(2, 24, d_state, length)  # 24 channels: a partial channel block (16 + 8 or 24 of 32)
     kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True) if optional else {}
     out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton", segment=segment, **kw)
     ref = windows_ref(x, segment, **kw)
@@ -59,8 +72,9 @@ def test_outputs_and_gradients_match_ref(d_state, length, segment, optional):
         assert rel(a, b) < 1e-4, name
 
 
-def test_last_state_and_its_gradient():
-    x = inputs(2, 8, 16, 21, seed=1)
+@pytest.mark.parametrize("length", [21, 16])
+def test_last_state_and_its_gradient(kernel, length):
+    x = inputs(2, 8, 16, length, seed=1)
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
     out, last = selective_scan(*args, backend="triton", return_last_state=True)
     out_r, last_r = selective_scan_ref(*args, return_last_state=True)
@@ -72,9 +86,9 @@ def test_last_state_and_its_gradient():
         assert rel(a, b) < 1e-4
 
 
-def test_bfloat16_inputs_as_under_autocast():
+def test_bfloat16_inputs_as_under_autocast(kernel):
     """bf16 activations with float32 A, D, bias (the mixer under autocast): float32 inside, dtypes kept outside."""
-    x = inputs(2, 40, 16, 21, seed=2)
+    x = inputs(2, 24, 16, 21, seed=2)
     low = {k: x[k].detach().to(torch.bfloat16).requires_grad_() for k in ("u", "delta", "B", "C", "z")}
     params = {k: x[k] for k in ("A", "D", "delta_bias")}
     out = selective_scan(low["u"], low["delta"], params["A"], low["B"], low["C"], params["D"], low["z"],
@@ -90,7 +104,7 @@ def test_bfloat16_inputs_as_under_autocast():
         assert a.dtype == leaf.dtype and rel(a.float(), b.float()) < 2e-2
 
 
-def test_mixer_local_windows_in_place_match_folded_ref():
+def test_mixer_local_windows_in_place_match_folded_ref(kernel):
     """Mamba(segment=...) on triton restarts conv and state in place; ref folds the windows into the batch."""
     torch.manual_seed(0)
     ref = Mamba(24, backend="ref").to(DEVICE)
@@ -114,6 +128,59 @@ def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="backend='triton' requested but the triton kernels need CUDA"):
         resolve_backend("triton", "cpu")
+
+
+def test_chunk_length_is_a_launch_choice(monkeypatch):
+    """Chunks of 4 tokens (LAUNCH["chunk"]) over 10 tokens restarted every 3: the same outputs and gradients."""
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setitem(scan_triton.LAUNCH, "kernel", "chunked")
+    monkeypatch.setitem(scan_triton.LAUNCH, "chunk", 4)
+    x = inputs(1, 8, 4, 10, seed=3)
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
+    out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton", segment=3, **kw)
+    ref = windows_ref(x, 3, **kw)
+    assert rel(out, ref) < 1e-5
+    leaves = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    grad = torch.randn_like(out)
+    for name, a, b in zip("u delta A B C D z delta_bias".split(), torch.autograd.grad(out, leaves, grad),
+                          torch.autograd.grad(ref, leaves, grad)):
+        assert rel(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("tile_scan", ["associative", "sequential"])
+def test_both_tile_scans_match_ref(monkeypatch, tile_scan):
+    """The chunked kernels' scan over a chunk's tokens both ways: tl.associative_scan (what a GPU compiles; slow in
+    the interpreter, hence one small case) and the row-by-row form (the interpreter's default): forward, reverse
+    (the adjoint), chunk-crossing restarts and the last state's gradient."""
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setitem(scan_triton.LAUNCH, "kernel", "chunked")
+    monkeypatch.setitem(scan_triton.LAUNCH, "tile_scan", tile_scan)
+    x = inputs(1, 4, 2, 11, seed=4)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    out, last = selective_scan(*args, backend="triton", return_last_state=True, segment=5)
+    out_r = windows_ref(x, 5)
+    _, last_r = selective_scan_ref(*[a[..., 10:] if a.dim() == 3 else a for a in args], return_last_state=True)
+    assert rel(out, out_r) < 1e-5 and rel(last, last_r) < 1e-5  # the last window holds only token 10
+    g_out, g_last = torch.randn_like(out), torch.randn_like(last)
+    mine = torch.autograd.grad((out * g_out).sum() + (last * g_last).sum(), args)
+    theirs = torch.autograd.grad((out_r * g_out).sum() + (last_r * g_last).sum(), args)
+    for name, a, b in zip("u delta A B C".split(), mine, theirs):
+        assert rel(a, b) < 1e-4, name
+    monkeypatch.setitem(scan_triton.LAUNCH, "tile_scan", "parallel")
+    with pytest.raises(ValueError, match="tile_scan.*'associative', 'sequential'.*'parallel'"):
+        selective_scan(*args, backend="triton")
+
+
+def test_an_unknown_kernel_is_refused_by_name(monkeypatch):
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setenv("MAMBADM_TRITON_SCAN", "parallel")
+    x = inputs(1, 8, 4, 5)
+    with pytest.raises(ValueError, match=r"one of \['chunked', 'serial'\].*MAMBADM_TRITON_SCAN.*'parallel'"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton")
+    assert scan_triton.LAUNCH["kernel"] is None
 
 
 def test_a_failing_launch_says_how_to_run_without_triton(monkeypatch):

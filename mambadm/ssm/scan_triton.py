@@ -8,9 +8,16 @@ short rows cost what their tokens cost. It reads the batch-first layout the proj
 every `segment` tokens in place (the local branch needs no folding), and fuses softplus(delta + bias), the D skip
 and the silu(z) gate.
 
-Backward: the forward keeps the state at every chunk start (CHUNK tokens); the backward walks the chunks from the
-last, recomputes each chunk's states into a per-program scratch buffer, then runs the adjoint recurrence backwards
-through it. Per-channel parameter gradients (A, D, dt bias) are summed per program and then over rows; the B and C
+Two kernel pairs (LAUNCH["kernel"], default from $MAMBADM_TRITON_SCAN, else "chunked"):
+- "chunked": a program takes a chunk of tokens at a time as (tokens x channels x d_state) tiles in registers; the
+  recurrence h_t = a_t h_{t-1} + b_t runs over the chunk as an associative scan, the forward keeps each chunk's
+  start state, and the backward recomputes a chunk's states from it in registers and runs the adjoint
+  lam_t = gy_t C_t + a_{t+1} lam_{t+1} as a reverse scan (a_{t+1} from the next token's inputs): no scratch buffer
+  and no token-by-token recompute before the adjoint.
+- "serial": the first design, kept for comparison (benchmarks/bench_triton_scan.py): one token at a time; the
+  backward recomputes each chunk's states token by token into a per-program scratch buffer, then runs the adjoint
+  backwards through it.
+Per-channel parameter gradients (A, D, dt bias) are summed per program and then over rows; the B and C
 gradients, sums over channels, are written per channel block and summed after: no atomics, deterministic.
 
 Same conventions as scan_ref.py (the ground truth it is tested against). On a machine without a GPU the kernels run
@@ -24,10 +31,16 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-CHUNK = 16  # tokens between saved states
-# Launch shape: channels per program (a power of two) and warps per program; None = the defaults in _block and
-# _warps. benchmarks/bench_triton_scan.py sweeps them on a GPU.
-LAUNCH: dict[str, int | None] = {"block_channels": None, "num_warps": None}
+CHUNK = 16  # tokens between saved states (serial kernels)
+KERNELS = ("chunked", "serial")
+# Launch shape: the kernel pair, channels per program (a power of two), warps per program and, for the chunked
+# kernels, tokens per chunk (a power of two); None = the defaults in _kernel, _block, _warps and _chunk.
+# benchmarks/bench_triton_scan.py sweeps them on a GPU.
+# "tile_scan" (chunked): "associative" (tl.associative_scan) or "sequential" (the chunk's tokens one by one in
+# registers); None = sequential in Triton's interpreter (fast there), associative compiled.
+LAUNCH: dict[str, int | str | None] = {"kernel": None, "block_channels": None, "num_warps": None, "chunk": None,
+                                       "tile_scan": None}
+TILE_SCANS = ("associative", "sequential")
 
 
 @lru_cache(maxsize=1)
@@ -53,14 +66,22 @@ def triton_missing(device: torch.device | str) -> str | None:
     return "the triton kernels need CUDA tensors (or TRITON_INTERPRET=1, the slow interpreter used by the tests)"
 
 
-@lru_cache(maxsize=1)
-def _kernels():
-    """(triton, forward kernel, backward kernel), imported on first use."""
+def _kernel() -> str:
+    name = LAUNCH["kernel"] or os.environ.get("MAMBADM_TRITON_SCAN") or "chunked"
+    if name not in KERNELS:
+        raise ValueError(f"triton scan kernel must be one of {list(KERNELS)} (LAUNCH['kernel'] or "
+                         f"$MAMBADM_TRITON_SCAN), got {name!r}")
+    return name
+
+
+@lru_cache(maxsize=2)
+def _kernels(name: str = "chunked"):
+    """(triton, forward kernel, backward kernel) of the pair `name`, imported on first use."""
     import triton
 
-    from mambadm.kernels.triton_scan import scan_bwd, scan_fwd
+    from mambadm.kernels import triton_scan as k
 
-    return triton, scan_fwd, scan_bwd
+    return (triton, k.scan_fwd, k.scan_bwd) if name == "serial" else (triton, k.scan_fwd_chunked, k.scan_bwd_chunked)
 
 
 def _unit_inner(t: Tensor | None) -> Tensor | None:
@@ -71,12 +92,29 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
 
-def _block(Dn: int) -> int:
-    return LAUNCH["block_channels"] or (32 if Dn <= 256 else 64)
+def _block(Dn: int, kernel: str = "serial") -> int:
+    if LAUNCH["block_channels"]:
+        return LAUNCH["block_channels"]
+    return 16 if kernel == "chunked" else (32 if Dn <= 256 else 64)
 
 
 def _warps() -> int:
     return LAUNCH["num_warps"] or 4
+
+
+def _chunked_flags(kernel: str) -> dict[str, bool]:
+    """The chunked kernels' compile-time switch (none for the serial ones)."""
+    if kernel != "chunked":
+        return {}
+    scan = LAUNCH["tile_scan"] or ("sequential" if interpreted() else "associative")
+    if scan not in TILE_SCANS:
+        raise ValueError(f"LAUNCH['tile_scan'] must be one of {list(TILE_SCANS)} or None, got {scan!r}")
+    return {"SEQUENTIAL": scan == "sequential"}
+
+
+def _chunk(kernel: str) -> int:
+    """Tokens per chunk: between saved states (serial), or the length of a register tile (chunked)."""
+    return CHUNK if kernel == "serial" else (LAUNCH["chunk"] or 8)
 
 
 def _explained(kernel):
@@ -96,16 +134,19 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, segment):
-        triton, scan_fwd, _ = _kernels()
+        kernel = _kernel()
+        triton, scan_fwd, _ = _kernels(kernel)
         R, L, Dn = u.shape
         N = A.shape[1]
-        n_chunks = triton.cdiv(L, CHUNK)
+        chunk = _chunk(kernel)
+        n_chunks = triton.cdiv(L, chunk)
         needs_grad = any(ctx.needs_input_grad)
         out = torch.empty(R, L, Dn, device=u.device, dtype=u.dtype)
         f32 = dict(device=u.device, dtype=torch.float32)
         ckpt = torch.empty(R, n_chunks, Dn, N, **f32) if needs_grad else out
         last = torch.empty(R, Dn, N, **f32) if return_last else torch.empty(0, **f32)
-        BD = _block(Dn)
+        BD = _block(Dn, kernel)
+        flags = _chunked_flags(kernel)
         ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (A, D, delta_bias))
         A = A.float().contiguous()
         D = None if D is None else D.contiguous()
@@ -116,21 +157,21 @@ class _TritonScan(torch.autograd.Function):
             else A, out, ckpt, last, L, Dn, N, segment, n_chunks, *_strides(u), *_strides(delta), *_strides(z),
             *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=softplus, SAVE_CKPT=needs_grad, SAVE_LAST=return_last, NP=triton.next_power_of_2(N), BD=BD,
-            CHUNK=CHUNK, num_warps=_warps())
+            CHUNK=chunk, num_warps=_warps(), **flags)
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-            ctx.flags = (softplus, segment)
+            ctx.flags = (softplus, segment, kernel, chunk, BD, flags)
         return out, last
 
     @staticmethod
     def backward(ctx, g_out, g_last):
-        triton, _, scan_bwd = _kernels()
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        softplus, segment = ctx.flags
+        softplus, segment, kernel, chunk, BD, flags = ctx.flags  # as the forward launched (LAUNCH may change between)
+        triton, _, scan_bwd = _kernels(kernel)
         g_last = g_last if g_last is not None and g_last.numel() else None
         R, L, Dn = u.shape
         N = A.shape[1]
-        BD, NP = _block(Dn), triton.next_power_of_2(N)
+        NP = triton.next_power_of_2(N)
         n_chunks, n_dblocks = ckpt.shape[1], triton.cdiv(Dn, BD)
         g_out = g_out.contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
@@ -138,15 +179,15 @@ class _TritonScan(torch.autograd.Function):
         dz = torch.empty(R, L, Dn, device=u.device, dtype=z.dtype) if z is not None else du
         dB_part, dC_part = torch.empty(R, L, n_dblocks, N, **f32), torch.empty(R, L, n_dblocks, N, **f32)
         dA_rows, dD_rows, dbias_rows = torch.empty(R, Dn, N, **f32), torch.empty(R, Dn, **f32), torch.empty(R, Dn, **f32)
-        scratch = torch.empty(R * n_dblocks * CHUNK * BD * NP, **f32)
+        scratch = [torch.empty(R * n_dblocks * chunk * BD * NP, **f32)] if kernel == "serial" else []
         launch = _explained(scan_bwd[(R, n_dblocks)])
         launch(
             u, delta, z if z is not None else u, B, C, A, D if D is not None else A, delta_bias if delta_bias is not None
             else A, ckpt, g_out, g_last.contiguous() if g_last is not None else ckpt, du, ddelta, dz, dB_part, dC_part,
-            dA_rows, dD_rows, dbias_rows, scratch, L, Dn, N, segment, n_chunks, n_dblocks, *_strides(u),
+            dA_rows, dD_rows, dbias_rows, *scratch, L, Dn, N, segment, n_chunks, n_dblocks, *_strides(u),
             *_strides(delta), *_strides(z), *_strides(B), *_strides(C), HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GLAST=g_last is not None, NP=NP, BD=BD,
-            CHUNK=CHUNK, num_warps=_warps())
+            CHUNK=chunk, num_warps=_warps(), **flags)
         A_dtype, D_dtype, bias_dtype = ctx.param_dtypes
         return (du, ddelta.to(delta.dtype), dA_rows.sum(0).to(A_dtype), dB_part.sum(2).to(B.dtype),
                 dC_part.sum(2).to(C.dtype), dD_rows.sum(0).to(D_dtype) if D is not None else None,
