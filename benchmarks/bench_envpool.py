@@ -1,12 +1,18 @@
 """Evaluation env backends: env steps/s per core, gymnasium (the reference) vs EnvPool, in the same run.
 
-Ray rollout actors (1 CPU each, warmed up before the clock starts) run groups of episodes through ``run_group`` as
-evaluation does (EnvPool: a pool per group, seeded with the group's episode seeds), with 1 and 2 actors and 1, 4
-and 16 envs per actor, on Breakout (DT protocol) and Hopper-v5, with uniform random actions and with a small
-untrained MambaDM (3 layers, d=128, recurrent). Per case: steps/s divided by the actors (cores), EnvPool /
-gymnasium, and for the model policy the policy's share of the gymnasium step time ``p`` and the gain that share
-allows, ``1 / (p + (1 - p) / g)`` with ``g`` the random-action gain of the same row, with the fraction reached.
-The emulator alone (ALE, 4 frames per step, no preprocessing) is timed in-process as the bound of any Atari backend.
+Ray rollout actors (1 CPU each, warmed up before the clock starts: envs built, EnvPool's pool made at the warm-up's
+first group) run groups of episodes through ``run_group`` as evaluation does (EnvPool: one pool per actor, made once
+and reset per episode; only running slots stepped), with 1 and 2 actors and 1, 4 and 16 envs per actor, on Breakout
+(DT protocol) and Hopper-v5, with uniform random actions and with a small untrained MambaDM (3 layers, d=128,
+recurrent). Per case: steps/s divided by the actors (cores), EnvPool / gymnasium, and for the model policy the
+policy's share of the gymnasium step time ``p`` and the gain that share allows, ``1 / (p + (1 - p) / g)`` with ``g``
+the random-action gain of the same row, with the fraction reached.
+
+Bounds, timed in-process in the same run (one core, random actions, Breakout): ALE alone (4 emulator frames per
+agent step, no preprocessing: what no Atari backend can beat), the gymnasium reference env alone, EnvPool's
+stepping alone (one thread, 1/4/16 envs, auto-reset) and the one-off cost of making a pool. ``ALE alone /
+gymnasium alone`` is the most any backend can gain over the reference on this machine; each random-action Breakout
+row reports its gain as a fraction of it.
 
     python benchmarks/bench_envpool.py [--seconds 4] [--repeat 2]
 """
@@ -87,6 +93,43 @@ def emulator_bound(seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def reference_alone(seconds: float) -> float:
+    """The gymnasium reference env (DT protocol, frame stack) alone: random actions, a seeded reset per episode."""
+    from evaluation.envs import make_env
+
+    env = make_env(ENVS["Breakout"], OmegaConf.structured(EvalConfig))
+    env.reset(seed=0)
+    rng, n, t0 = np.random.default_rng(0), 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        n += 1
+        if term or trunc:
+            env.reset(seed=n)
+    return n / (time.perf_counter() - t0)
+
+
+def envpool_alone(seconds: float, n_envs: int) -> tuple[float, float]:
+    """EnvPool's stepping alone (one thread, the protocol's options, auto-reset): (env steps/s, seconds to make the
+    pool)."""
+    import envpool
+
+    from evaluation.envpool_envs import envpool_id, envpool_kwargs
+
+    cfg = OmegaConf.structured(EvalConfig)
+    t0 = time.perf_counter()
+    pool = envpool.make(envpool_id(ENVS["Breakout"], cfg), env_type="gymnasium", num_envs=n_envs, batch_size=n_envs,
+                        num_threads=1, env_seed=list(range(n_envs)), **envpool_kwargs(ENVS["Breakout"], cfg))
+    made = time.perf_counter() - t0
+    pool.reset()
+    rng, n, t0 = np.random.default_rng(0), 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pool.step(rng.integers(pool.action_space.n, size=n_envs))
+        n += n_envs
+    rate = n / (time.perf_counter() - t0)
+    pool.close()
+    return rate, made
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=4.0, help="measuring time per case")
@@ -96,11 +139,20 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, ray {ray.__version__}, envpool {envpool.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"ALE alone (Breakout, 4 frames per step): {emulator_bound(args.seconds):.0f} steps/s")
+    ale = float(np.mean([emulator_bound(args.seconds) for _ in range(args.repeat)]))
+    reference = float(np.mean([reference_alone(args.seconds) for _ in range(args.repeat)]))
+    bound = ale / reference
+    print(f"\nIn-process, one core, Breakout, random actions (mean of {args.repeat}):")
+    print(f"- ALE alone (4 frames per step): {ale:.0f} steps/s; gymnasium reference env alone: {reference:.0f}; "
+          f"bound ALE / reference = {bound:.2f}x")
+    for n_envs in ENVS_PER_ACTOR:
+        rate, made = envpool_alone(args.seconds, n_envs)
+        print(f"- EnvPool stepping alone, {n_envs} envs: {rate:.0f} steps/s ({rate / reference:.2f}x the reference, "
+              f"{rate / ale:.2f} of ALE alone); making the pool: {made:.2f} s", flush=True)
     start_ray(num_cpus=2)
     print("\n| env | policy | actors | envs per actor | gymnasium steps/s per core | EnvPool steps/s per core | "
-          "EnvPool / gymnasium | policy share (gymnasium) | gain the share allows | reached |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "EnvPool / gymnasium | of the ALE bound | policy share (gymnasium) | gain the share allows | reached |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     random_gain: dict[tuple, list[float]] = {}
     for name in ENVS:
         for family in ("random", "mambadm"):
@@ -112,17 +164,20 @@ def main() -> None:
                         e, _ = measure(name, family, "envpool", actors, n_envs, args.seconds)
                         gym_rates.append(g), pool_rates.append(e), gains.append(e / g), shares.append(share)
                     key = (name, actors, n_envs)
-                    bound = reached = ""
+                    allowed = reached = of_bound = ""
                     if family == "random":
                         random_gain[key] = gains
+                        if name == "Breakout":
+                            of_bound = f"{float(np.mean(gains)) / bound:.2f}"
                     else:
                         env_gain, share = float(np.mean(random_gain[key])), float(np.mean(shares))
-                        allowed = 1 / (share + (1 - share) / env_gain)
-                        bound, reached = f"{allowed:.2f}", f"{float(np.mean(gains)) / allowed:.2f}"
+                        gain_allowed = 1 / (share + (1 - share) / env_gain)
+                        allowed, reached = f"{gain_allowed:.2f}", f"{float(np.mean(gains)) / gain_allowed:.2f}"
                     span = lambda v: f"{min(v):.0f}-{max(v):.0f}" if len(v) > 1 else f"{v[0]:.0f}"  # noqa: E731
                     print(f"| {name} | {family} | {actors} | {n_envs} | {span(gym_rates)} | {span(pool_rates)} | "
-                          f"{min(gains):.2f}-{max(gains):.2f} | {np.mean(shares):.2f} | {bound} | {reached} |",
-                          flush=True)
+                          f"{min(gains):.2f}-{max(gains):.2f} | {of_bound} | {np.mean(shares):.2f} | {allowed} | "
+                          f"{reached} |", flush=True)
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ray.shutdown()
 
 

@@ -6,12 +6,14 @@ MambaDM, 3 layers, d=128, acting recurrently, one thread per worker), on preproc
   Ray with M rollout actors (1 env each, each with its own policy copy), M in {1, 2}; then Ray with 2 actors of
   4 and 16 envs each (same two worker processes; AsyncVectorEnv has one env per worker by construction).
 Ray actors are started and warmed up before the clock starts (startup is a one-off cost per evaluation).
+``--env-backend envpool`` runs the Ray actors' envs on EnvPool (one pool per actor, as evaluation does); the single
+process and AsyncVectorEnv columns stay gymnasium, the reference.
 
 Part 2 — policy time per action inside the rollout (``run_group``): recurrent MambaDM vs Decision Transformer
 (K = 30 window), re-encoding its window every step as the reference DT code does and on cached step tokens (the
 project's default), with 1 and 16 Breakout envs per actor.
 
-    python benchmarks/bench_rollout.py [--seconds 8] [--part 1 2]
+    python benchmarks/bench_rollout.py [--seconds 8] [--part 1 2] [--env-backend gymnasium|envpool]
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from evaluation.batch import make_batch  # noqa: E402
 from evaluation.envs import make_env  # noqa: E402
 from evaluation.evaluate import start_ray  # noqa: E402
 from evaluation.policy import ModelPolicy, RandomPolicy  # noqa: E402
@@ -101,10 +104,11 @@ def steps_async(name: str, family: str, workers: int, seconds: float) -> float:
 class ThroughputActor:
     """Runs groups of ``n_envs`` episodes in lockstep (one batched policy call per step), as rollout actors do."""
 
-    def __init__(self, name: str, family: str, n_envs: int = 1):
+    def __init__(self, name: str, family: str, n_envs: int = 1, backend: str = "gymnasium"):
         torch.set_num_threads(1)
-        self.envs = [make_env(ENVS[name], OmegaConf.structured(EvalConfig)) for _ in range(n_envs)]
-        self.policy = make_policy(name, self.envs[0].action_space, family)
+        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"env_backend": backend})
+        self.envs = make_batch(ENVS[name], cfg, None, n_envs)
+        self.policy = make_policy(name, self.envs.action_space, family)
 
     def run(self, seconds: float, seed: int) -> tuple[int, float]:
         n, t0 = 0, time.perf_counter()
@@ -114,8 +118,11 @@ class ThroughputActor:
         return n, time.perf_counter() - t0
 
 
+BACKEND = "gymnasium"  # the Ray actors' env backend (--env-backend)
+
+
 def steps_ray(name: str, family: str, actors: int, seconds: float, envs_per_actor: int = 1) -> float:
-    pool = [ThroughputActor.remote(name, family, envs_per_actor) for _ in range(actors)]
+    pool = [ThroughputActor.remote(name, family, envs_per_actor, BACKEND) for _ in range(actors)]
     ray.get([a.run.remote(0.5, i) for i, a in enumerate(pool)])  # warm: envs and policies built, code paths hot
     t0 = time.perf_counter()
     results = ray.get([a.run.remote(seconds, 1000 * i) for i, a in enumerate(pool)])
@@ -176,8 +183,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per throughput case")
     p.add_argument("--frames", type=int, default=400, help="Atari frame cap per episode in part 2 (4 per action)")
     p.add_argument("--part", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--env-backend", default="gymnasium", choices=("gymnasium", "envpool"),
+                   help="the Ray actors' env backend in part 1")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPUs")
+    global BACKEND
+    BACKEND = args.env_backend
+    print(f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPUs, Ray actors' envs: {BACKEND}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     if 1 in args.part:
         part1(args.seconds)
     if 2 in args.part:
