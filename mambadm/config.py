@@ -102,6 +102,7 @@ class DataConfig:
     rtg_scale: float = 1.0  # returns-to-go are divided by this (1 for Atari, 1000 for MuJoCo)
     frame_stack: int = 4  # Atari frames stacked at load time
     shuffle_buffer: int = 2000  # samples kept for shuffling in the training stream
+    val_stride: int = 1  # validation: a window starts at every val_stride-th step of each episode (1: every step)
     window_cut: str = "padded"  # training windows at an episode end: padded (+ masked) | shifted back (DT Atari)
 
 

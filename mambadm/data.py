@@ -13,7 +13,8 @@ docs/training.md. In short:
   ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across episodes; a window stays a reference
   (episode, start) until ``collate`` copies its steps, once, straight into the batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
-  validation is an exact, finite pass in which every step of every validation shard starts one window.
+  validation is an exact, finite pass in which every step (or every ``data.val_stride``-th step) of every
+  validation shard starts one window.
 * Shards are split explicitly per rank (``split_by_rank``) and per DataLoader worker (``wds.split_by_worker``).
   The loader is *not* passed through ``accelerator.prepare()``: for an IterableDataset Accelerate either makes
   rank 0 read and broadcast every batch or shards the already-split stream a second time, silently. Batches are
@@ -188,6 +189,10 @@ class WindowMaker:
         self.rtg_scale = float(data_cfg.rtg_scale)
         self.frame_stack = int(data_cfg.frame_stack) if self.atari else 1
         self.shift = data_cfg.window_cut == "shifted"
+        self.val_stride = int(data_cfg.val_stride)
+        if self.val_stride < 1:
+            raise DataError(f"data.val_stride={self.val_stride}: must be >= 1 (1 starts a validation window at "
+                            f"every step)")
         self.slots: BatchSlots | None = None  # set by SlotLoader for each iteration with workers
         if not self.atari:
             self.mean = np.asarray(index["state_mean"], np.float32)
@@ -223,10 +228,11 @@ class WindowMaker:
         return {"states": states, "actions": act, "rtg": rtg, "timesteps": timesteps, "mask": mask}
 
     def all_windows(self, samples: Iterator[dict]) -> Iterator[tuple[dict, int]]:
-        """Exact mode: every start of every episode, in order."""
+        """Exact mode: every start of every episode, in order (every ``data.val_stride``-th start: a validation
+        budget of a few batches then spans the whole validation set instead of its first episode)."""
         for sample in samples:
             episode = decode(sample)
-            for start in range(len(episode["actions"])):
+            for start in range(0, len(episode["actions"]), self.val_stride):
                 yield episode, start
 
     def random_windows(self, samples: Iterator[dict], rng: np.random.Generator,

@@ -324,3 +324,18 @@ def test_workers_reuse_freed_batch_buffers_and_never_overwrite_a_held_batch(brea
     del stream
     assert sums == [float(b["frames"].float().sum()) for b in reference]
     assert allocations.item() <= batch_slots.SLOTS_PER_WORKER * tensors_per_batch < n * tensors_per_batch
+
+
+def test_val_stride_spreads_a_validation_budget_over_every_episode(hopper):
+    """data.val_stride: the exact pass starts a window at every s-th step of every episode, so the first few batches
+    of validation reach all validation episodes instead of the first one; stride 1 is every step."""
+    index = D.read_index(hopper)
+    shards = index["shards"]
+    every = exact_windows(shards, index, cfg_for(hopper, "data.context_len=10"), 0, 1, 0)
+    strided = exact_windows(shards, index, cfg_for(hopper, "data.context_len=10", "data.val_stride=7"), 0, 1, 0)
+    lengths = [len(e["actions"]) for e in episodes_of(index)]
+    assert len(strided) == sum(-(-n // 7) for n in lengths) < len(every)
+    assert {t % 7 for _, t in strided} == {0}  # timesteps start at 0 in every episode
+    assert set(strided) <= set(every)
+    with pytest.raises(D.DataError, match="val_stride"):
+        D.WindowMaker(index, cfg_for(hopper, "data.val_stride=0"))
