@@ -15,6 +15,10 @@
   --dynamo_backend inductor` does to the module); a batch that does not fit is printed as OOM.
 - profile: torch.profiler over 3 training steps of each --families' first --sizes preset at --batch (MambaDM on
   each fused backend): the kernels that take the GPU's time, most first.
+- pairs: one table per parameter-matched preset pair (--pair-sizes, default xxl 100m 300m 1b): DT and MambaDM (the
+  fused backend) over --pair-batches, eager, each row with step ms, tokens/s, MFU, the peak GPU memory of the step
+  and its batch; a batch that does not fit prints OOM and ends that family's sweep. The last pair also runs with
+  model.grad_checkpoint at --checkpoint-batch. Models are built on the GPU directly.
 
 Everything printed is measured in this run on the card named in the first line.
 """
@@ -155,16 +159,20 @@ def atari_batch(batch: int, k: int) -> dict[str, torch.Tensor]:
 ATARI = EnvSpec(obs_kind="atari", obs_shape=[4, 84, 84], act_dim=4, discrete=True)
 TRAIN_HEADER = ("\n| family | size | backend | compiled | params | batch | K | step ms | tokens/s | TFLOP/s | MFU |"
                 "\n|---|---|---|---|---|---|---|---|---|---|---|")
+PAIR_HEADER = ("\n| family | size | backend | ckpt | params | batch | K | step ms | tokens/s | TFLOP/s | MFU | peak GiB |"
+               "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def training_step(family: str, size: str, backend: str, batch: int, k: int, compiled: bool = False):
+def training_step(family: str, size: str, backend: str, batch: int, k: int, compiled: bool = False,
+                  grad_checkpoint: bool = False):
     """(model, step): one full training step (bf16 autocast, loss, backward, clip, AdamW) on an in-memory batch."""
-    overrides = [f"model.family={family}", f"model.size={size}"]
+    overrides = [f"model.family={family}", f"model.size={size}", f"model.grad_checkpoint={grad_checkpoint}"]
     if family == "mambadm":
         overrides.append(f"model.backend={backend}")
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
-    model = build_model(cfg.model, ATARI).to(DEVICE).train()
+    with torch.device(DEVICE):  # built where it runs: a 1B model's init on the host would take minutes
+        model = build_model(cfg.model, ATARI).train()
     if compiled:
         model.compile()  # compiles the module's __call__, which model.loss goes through
     opt = make_optimizer(model, cfg.optim)
@@ -207,10 +215,61 @@ def time_training(family: str, size: str, backend: str, batch: int, k: int, peak
 
 
 def build_flops(family: str, size: str, k: int) -> dict:
-    """Parameter count and analytic training FLOPs per token of a preset (built on the CPU, no GPU memory)."""
+    """Parameter count and analytic training FLOPs per token of a preset (built on the meta device: no memory)."""
     cfg = load_config(None, [f"model.family={family}", f"model.size={size}"])
-    model = build_model(cfg.model, ATARI)
+    with torch.device("meta"):
+        model = build_model(cfg.model, ATARI)
     return {"params": model.num_params(), "per_token": model.flops_per_token(k)}
+
+
+def time_pair_row(family: str, size: str, backend: str, batch: int, k: int, peak: float,
+                  grad_checkpoint: bool = False) -> dict:
+    """One row of a pair table: the eager training step's time, tokens/s, MFU and peak GPU memory; OOM is a row."""
+    row = {"family": family, "size": size, "backend": backend, "grad_checkpoint": grad_checkpoint, "batch": batch,
+           "K": k}
+    flops = build_flops(family, size, k)
+    model = step = None
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        model, step = training_step(family, size, backend, batch, k, grad_checkpoint=grad_checkpoint)
+        seconds = cuda_time(step, warmup=2, repeats=5)
+        peak_bytes = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else float("nan")
+    except torch.cuda.OutOfMemoryError:
+        print(f"| {family} | {size} | {backend} | {grad_checkpoint} | {flops['params']:,} | {batch} | {k} | OOM | | | "
+              "| |", flush=True)
+        return {**row, "oom": True}
+    finally:
+        del model, step
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    tokens = 3 * k * batch / seconds
+    tflops = flops["per_token"] * tokens / 1e12
+    row.update(params=flops["params"], step_ms=1000 * seconds, tokens_per_s=tokens, tflops=tflops, mfu=tflops / peak,
+               peak_gib=peak_bytes / 2**30)
+    print(f"| {family} | {size} | {backend} | {grad_checkpoint} | {flops['params']:,} | {batch} | {k} | "
+          f"{row['step_ms']:.1f} | {tokens:,.0f} | {tflops:.1f} | {100 * row['mfu']:.2f}% | {row['peak_gib']:.1f} |",
+          flush=True)
+    return row
+
+
+def pair_tables(sizes: list[str], backend: str, peak: float, k: int, batches: list[int],
+                checkpoint_batch: int) -> list[dict]:
+    """One table per preset pair, DT then MambaDM, over the batches (ascending; the first OOM ends a sweep)."""
+    rows = []
+    for size in sizes:
+        print(f"\n### pair {size} (K = {k}, bf16 autocast, eager, AdamW; MFU against {peak:.0f} TFLOP/s)")
+        print(PAIR_HEADER)
+        for family in ("dt", "mambadm"):
+            fam_backend = backend if family == "mambadm" else "-"
+            for batch in sorted(batches):
+                rows.append(time_pair_row(family, size, fam_backend, batch, k, peak))
+                if rows[-1].get("oom"):
+                    break
+            if size == sizes[-1] and checkpoint_batch:  # the largest pair: the checkpointed step too
+                rows.append(time_pair_row(family, size, fam_backend, checkpoint_batch, k, peak, grad_checkpoint=True))
+    return rows
 
 
 def train_throughput(backends: list[str], peak: float, batch: int, k: int) -> list[dict]:
@@ -270,6 +329,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=30)
     p.add_argument("--frames-nchw", action="store_true",
                    help="feed Atari frames to the CNN in NCHW (the A/B baseline of the channels-last default)")
+    p.add_argument("--pair-sizes", nargs="*", default=["xxl", "100m", "300m", "1b"], help="pairs part")
+    p.add_argument("--pair-batches", nargs="*", type=int, default=[64, 128, 256], help="pairs part")
+    p.add_argument("--checkpoint-batch", type=int, default=256,
+                   help="pairs part: batch of the checkpointed step of the last pair (0: none)")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script itself (tiny shapes)")
@@ -282,6 +345,7 @@ def main() -> None:
         MIXER_SHAPES[:] = [(32, 24)]
         args.batch, args.context, args.peak_tflops = 2, 6, args.peak_tflops or 1.0
         args.sizes, args.mfu_batches, args.compile_batches = ["xs"], [2], [2]
+        args.pair_sizes, args.pair_batches, args.checkpoint_batch = ["xs"], [1], 1
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and float32 timings in true float32
@@ -304,6 +368,9 @@ def main() -> None:
         for family in args.families:
             for backend in (fast_backends if family == "mambadm" else fast_backends[:1]):
                 profile_step(family, args.sizes[0], backend, args.batch, args.context)
+    if "pairs" in args.parts:
+        out["pairs"] = pair_tables(args.pair_sizes, fast_backends[0], peak, args.context, args.pair_batches,
+                                   args.checkpoint_batch)
     if "mfu" in args.parts:
         out["mfu"] = mfu_sweep(args.families, args.sizes, fast_backends, peak, args.context, args.mfu_batches,
                                args.compile_batches)

@@ -1,6 +1,12 @@
-"""Launch-shape sweep of the `triton` selective scan on a GPU: channels per program x warps per program.
+"""The `triton` selective scan on a GPU: backward / forward time per kernel pair, then a launch-shape sweep.
 
-    python benchmarks/bench_triton_scan.py [--blocks 16 32 64 128] [--warps 1 2 4 8] [--device cuda]
+    python benchmarks/bench_triton_scan.py [--kernels chunked serial] [--blocks 16 32 64 128] [--warps 1 2 4 8]
+        [--chunks 4 8 16] [--no-sweep] [--device cuda]
+
+First table: for each kernel pair (scan_triton.KERNELS) at its default launch, the forward alone and the backward
+alone (ms, CUDA events, median of 20 after 3 warm-ups) and their ratio, at L = 90 (MambaDM's K = 30 rows, global and
+local branch) and L = 3072, with the backward's outputs checked against the `ref` scan's gradients at a small shape
+of the same kind. The issue-18 target is backward / forward <= 2 at L = 90 and L = 3072.
 
 For each shape (rows, tokens, d_inner, segment) the scan's forward + backward (bf16 activations, float32 A, D and
 dt bias, softplus, z gate: the mixer under autocast) is timed with CUDA events, median of 20 after 3 warm-ups, for
@@ -47,6 +53,54 @@ def run(x: dict, segment: int | None, grad: torch.Tensor) -> list[torch.Tensor]:
     return [out, *torch.autograd.grad(out, list(x.values()), grad)]
 
 
+def ratio_table(kernels: list[str], shapes, device: str, warmup: int, repeats: int) -> None:
+    """Forward ms, backward ms and backward / forward per kernel pair at its default launch."""
+    from mambadm.ssm.scan_ref import selective_scan_ref
+
+    print("\n| kernel | rows | L | d_inner | segment | fwd ms | bwd ms | bwd / fwd | grads vs ref (max rel.) |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for kernel in kernels:
+        scan_triton.LAUNCH.update(kernel=kernel, block_channels=None, num_warps=None, chunk=None)
+        for rows, length, d_inner, segment in shapes:
+            try:
+                check = parity_vs_ref(selective_scan_ref, min(length, 40), segment, device)
+                x = make_inputs(rows, length, d_inner, device)
+                grad = torch.randn(rows, d_inner, length, device=device).to(torch.bfloat16)
+                leaves = list(x.values())
+
+                def forward():
+                    return selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                                 x["delta_bias"], True, segment=segment)
+
+                fwd = timed(forward, device, warmup, repeats)
+                out = forward()
+                bwd = timed(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device, warmup,
+                            repeats)
+            except Exception as exc:  # e.g. a kernel the compiler refuses on this card
+                print(f"| {kernel} | {rows} | {length} | {d_inner} | {segment} | failed: {type(exc).__name__}: "
+                      f"{str(exc)[:200]} | | | |", flush=True)
+                continue
+            print(f"| {kernel} | {rows} | {length} | {d_inner} | {segment} | {fwd:.3f} | {bwd:.3f} | "
+                  f"{bwd / fwd:.2f} | {check:.1e} |", flush=True)
+    scan_triton.LAUNCH.update(kernel=None)
+
+
+def parity_vs_ref(ref_scan, length: int, segment: int | None, device: str) -> float:
+    """Max relative error of the output and every gradient against `ref` (float32, 2 rows of `length`)."""
+    channels = 64 if device == "cuda" else 16  # the interpreter (--device cpu) is slow
+    x = {k: v.detach().float().requires_grad_() for k, v in make_inputs(2, length, channels, device).items()}
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = selective_scan_triton(*args, True, segment=segment)
+    seg = segment or length
+    ref = torch.cat([ref_scan(*[a[..., s:s + seg] if a.dim() == 3 else a for a in args[:5]], args[5],
+                              args[6][..., s:s + seg], args[7], True) for s in range(0, length, seg)], -1)
+    grad = torch.randn_like(ref)
+    errs = [(out - ref).norm() / ref.norm()]
+    for a, b in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        errs.append((a - b).norm() / b.norm().clamp_min(1e-30))
+    return max(e.item() for e in errs)
+
+
 def timed(fn, device: str, warmup: int = 3, repeats: int = 20) -> float:
     for _ in range(warmup):
         fn()
@@ -68,43 +122,61 @@ def timed(fn, device: str, warmup: int = 3, repeats: int = 20) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", nargs="*", default=list(scan_triton.KERNELS))
     p.add_argument("--blocks", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--warps", type=int, nargs="*", default=[1, 2, 4, 8])
+    p.add_argument("--chunks", type=int, nargs="*", default=[4, 8, 16], help="tokens per tile (chunked kernels)")
+    p.add_argument("--no-sweep", action="store_true", help="only the backward / forward table")
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    unknown = sorted(set(args.kernels) - set(scan_triton.KERNELS))
+    if unknown:
+        raise SystemExit(f"--kernels: unknown {unknown}; known: {list(scan_triton.KERNELS)}")
     shapes, warmup, repeats = SHAPES, 3, 20
     if args.device == "cpu":
         if not scan_triton.interpreted():
             raise SystemExit("--device cpu runs in Triton's interpreter: set TRITON_INTERPRET=1")
-        shapes, warmup, repeats = [(2, 20, 64, None), (2, 20, 64, 6)], 0, 1
+        shapes, warmup, repeats = [(1, 12, 16, None), (1, 12, 16, 6)], 0, 1
+        args.blocks, args.warps, args.chunks = args.blocks[:1], args.warps[:1], args.chunks[:1]
     elif not torch.cuda.is_available():
         raise SystemExit("bench_triton_scan.py needs a CUDA device (or --device cpu with TRITON_INTERPRET=1)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
-    print(f"{name}; torch {torch.__version__}; default launch: block {scan_triton._block(1024)} channels for "
-          f"d_inner > 256, {scan_triton._warps()} warps")
-    print("\n| rows | L | d_inner | segment | block | warps | fwd+bwd ms | vs default | max rel. diff vs default |"
-          "\n|---|---|---|---|---|---|---|---|---|")
-    for rows, length, d_inner, segment in shapes:
-        x = make_inputs(rows, length, d_inner, args.device)
-        grad = torch.randn(rows, d_inner, length, device=args.device).to(torch.bfloat16)
-        scan_triton.LAUNCH.update(block_channels=None, num_warps=None)
-        reference = run(x, segment, grad)
-        base = timed(lambda: run(x, segment, grad), args.device, warmup, repeats)
-        for block in args.blocks:
-            for warps in args.warps:
-                scan_triton.LAUNCH.update(block_channels=block, num_warps=warps)
-                try:
-                    results = run(x, segment, grad)
-                    ms = timed(lambda: run(x, segment, grad), args.device, warmup, repeats)
-                except Exception as exc:  # a launch the compiler or the card refuses (e.g. too many registers)
-                    print(f"| {rows} | {length} | {d_inner} | {segment} | {block} | {warps} | failed: "
-                          f"{type(exc).__name__} | | |", flush=True)
-                    continue
-                diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-                           for a, b in zip(results, reference))
-                print(f"| {rows} | {length} | {d_inner} | {segment} | {block} | {warps} | {ms:.3f} | "
-                      f"{base / ms:.2f}x | {diff:.1e} |", flush=True)
-    scan_triton.LAUNCH.update(block_channels=None, num_warps=None)
+    defaults = {k: (scan_triton._block(1024, k), scan_triton._warps(), scan_triton._chunk(k)) for k in args.kernels}
+    print(f"{name}; torch {torch.__version__}; default launch (channels per program for d_inner > 256, warps, "
+          f"tokens per chunk): {defaults}")
+    ratio_table(args.kernels, shapes, args.device, warmup, repeats)
+    if args.no_sweep:
+        return
+    print("\n| kernel | rows | L | d_inner | segment | block | warps | chunk | fwd+bwd ms | vs default | "
+          "max rel. diff vs default |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for kernel in args.kernels:
+        for rows, length, d_inner, segment in shapes:
+            x = make_inputs(rows, length, d_inner, args.device)
+            grad = torch.randn(rows, d_inner, length, device=args.device).to(torch.bfloat16)
+            scan_triton.LAUNCH.update(kernel=kernel, block_channels=None, num_warps=None, chunk=None)
+            try:
+                reference = run(x, segment, grad)
+                base = timed(lambda: run(x, segment, grad), args.device, warmup, repeats)
+            except Exception as exc:
+                print(f"| {kernel} | {rows} | {length} | {d_inner} | {segment} | default | | | failed: "
+                      f"{type(exc).__name__} | | |", flush=True)
+                continue
+            for block in args.blocks:
+                for warps in args.warps:
+                    for chunk in (args.chunks if kernel == "chunked" else [None]):
+                        scan_triton.LAUNCH.update(block_channels=block, num_warps=warps, chunk=chunk)
+                        try:
+                            results = run(x, segment, grad)
+                            ms = timed(lambda: run(x, segment, grad), args.device, warmup, repeats)
+                        except Exception as exc:  # a launch the compiler or the card refuses (too many registers)
+                            print(f"| {kernel} | {rows} | {length} | {d_inner} | {segment} | {block} | {warps} | "
+                                  f"{chunk} | failed: {type(exc).__name__} | | |", flush=True)
+                            continue
+                        diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                                   for a, b in zip(results, reference))
+                        print(f"| {kernel} | {rows} | {length} | {d_inner} | {segment} | {block} | {warps} | {chunk} "
+                              f"| {ms:.3f} | {base / ms:.2f}x | {diff:.1e} |", flush=True)
+    scan_triton.LAUNCH.update(kernel=None, block_channels=None, num_warps=None, chunk=None)
 
 
 if __name__ == "__main__":
