@@ -1,6 +1,7 @@
 """The `triton` backend against the reference scan: compiled on a GPU, in Triton's interpreter on a CPU. Both
-kernel pairs (scan_triton.KERNELS: chunked, the default, and serial) at chunk-boundary edge cases: rows shorter
-than a chunk, a multiple of it, one past it, restarts on and across chunk boundaries, a returned last state."""
+kernel pairs (scan_triton.KERNELS: chunked, and serial, the default until a GPU session has timed chunked) at
+chunk-boundary edge cases: rows shorter than a chunk, a multiple of it, one past it, restarts on and across chunk
+boundaries, a returned last state."""
 import pytest
 import torch
 

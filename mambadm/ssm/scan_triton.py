@@ -8,7 +8,9 @@ short rows cost what their tokens cost. It reads the batch-first layout the proj
 every `segment` tokens in place (the local branch needs no folding), and fuses softplus(delta + bias), the D skip
 and the silu(z) gate.
 
-Two kernel pairs (LAUNCH["kernel"], default from $MAMBADM_TRITON_SCAN, else "chunked"):
+Two kernel pairs (LAUNCH["kernel"], default from $MAMBADM_TRITON_SCAN, else "serial": the pair measured on a GPU;
+"chunked" has run only in Triton's interpreter so far and becomes the default once benchmarks/gpu_session.sh has
+tested and timed it on a card):
 - "chunked": a program takes a chunk of tokens at a time as (tokens x channels x d_state) tiles in registers; the
   recurrence h_t = a_t h_{t-1} + b_t runs over the chunk as an associative scan, the forward keeps each chunk's
   start state, and the backward recomputes a chunk's states from it in registers and runs the adjoint
@@ -67,7 +69,7 @@ def triton_missing(device: torch.device | str) -> str | None:
 
 
 def _kernel() -> str:
-    name = LAUNCH["kernel"] or os.environ.get("MAMBADM_TRITON_SCAN") or "chunked"
+    name = LAUNCH["kernel"] or os.environ.get("MAMBADM_TRITON_SCAN") or "serial"
     if name not in KERNELS:
         raise ValueError(f"triton scan kernel must be one of {list(KERNELS)} (LAUNCH['kernel'] or "
                          f"$MAMBADM_TRITON_SCAN), got {name!r}")
