@@ -10,7 +10,8 @@ the random-action gain of the same row, with the fraction reached.
 
 Bounds, timed in-process in the same run (one core, random actions, Breakout): ALE alone (4 emulator frames per
 agent step, no preprocessing: what no Atari backend can beat), the gymnasium reference env alone, EnvPool's
-stepping alone (one thread, 1/4/16 envs, auto-reset) and the one-off cost of making a pool. ``ALE alone /
+stepping alone (one thread, 1/4/16 envs, auto-reset), the one-off cost of making a pool, and the emulation cost
+per frame of ale-py's ALE and of the ALE build inside EnvPool (40 frames per step, preprocessing amortised). ``ALE alone /
 gymnasium alone`` is the most any backend can gain over the reference on this machine; each random-action Breakout
 row reports its gain as a fraction of it.
 
@@ -73,8 +74,9 @@ def measure(name: str, family: str, backend: str, actors: int, n_envs: int, seco
     return sum(r[0] for r in results) / wall / actors, policy_s / max(policy_s + env_s, 1e-9)
 
 
-def emulator_bound(seconds: float) -> float:
-    """ALE alone: 4 emulator frames per agent step, random minimal-set actions, no preprocessing."""
+def emulator_bound(seconds: float, frames: int = 4) -> float:
+    """ALE alone (ale-py): ``frames`` emulator frames per agent step, random minimal-set actions, no
+    preprocessing."""
     import ale_py
     import gymnasium as gym
 
@@ -85,7 +87,7 @@ def emulator_bound(seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a = actions[rng.integers(len(actions))]
-        for _ in range(4):
+        for _ in range(frames):
             ale.act(a)
         if ale.game_over():
             ale.reset_game()
@@ -108,14 +110,15 @@ def reference_alone(seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def envpool_alone(seconds: float, n_envs: int) -> tuple[float, float]:
+def envpool_alone(seconds: float, n_envs: int, frame_skip: int = 4) -> tuple[float, float]:
     """EnvPool's stepping alone (one thread, the protocol's options, auto-reset): (env steps/s, seconds to make the
     pool)."""
     import envpool
 
     from evaluation.envpool_envs import envpool_id, envpool_kwargs
 
-    cfg = OmegaConf.structured(EvalConfig)
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"frame_skip": frame_skip,
+                                                             "max_episode_frames": 108000 * frame_skip})
     t0 = time.perf_counter()
     pool = envpool.make(envpool_id(ENVS["Breakout"], cfg), env_type="gymnasium", num_envs=n_envs, batch_size=n_envs,
                         num_threads=1, env_seed=list(range(n_envs)), **envpool_kwargs(ENVS["Breakout"], cfg))
@@ -145,6 +148,13 @@ def main() -> None:
     print(f"\nIn-process, one core, Breakout, random actions (mean of {args.repeat}):")
     print(f"- ALE alone (4 frames per step): {ale:.0f} steps/s; gymnasium reference env alone: {reference:.0f}; "
           f"bound ALE / reference = {bound:.2f}x")
+    # Emulation per frame, at 40 frames per agent step (the preprocessing of one step shared by 40 frames): ale-py's
+    # ALE against the ALE build inside EnvPool, and what 4 frames of each leave to the rest of a step.
+    ale_frame = float(np.mean([1e6 / emulator_bound(args.seconds, 40) / 40 for _ in range(args.repeat)]))
+    pool_frame = float(np.mean([1e6 / envpool_alone(args.seconds, 1, 40)[0] / 40 for _ in range(args.repeat)]))
+    print(f"- emulation per frame (40 frames per step): ale-py {ale_frame:.1f} us, EnvPool's ALE {pool_frame:.1f} us "
+          f"({pool_frame / ale_frame:.2f}x); 4 frames of EnvPool's emulation alone would run {1e6 / 4 / pool_frame:.0f} "
+          f"steps/s ({1e6 / 4 / pool_frame / reference:.2f}x the reference)")
     for n_envs in ENVS_PER_ACTOR:
         rate, made = envpool_alone(args.seconds, n_envs)
         print(f"- EnvPool stepping alone, {n_envs} envs: {rate:.0f} steps/s ({rate / reference:.2f}x the reference, "

@@ -116,7 +116,8 @@ def evaluate(payload: dict, cfg: Any, *, checkpoint: str = "", record_dir: Optio
     groups = groups_of(tasks, int(cfg.envs_per_actor))
     eval_dict = OmegaConf.to_container(cfg, resolve=True)
     started = time.time()
-    fleet = ActorFleet(payload, eval_dict, min(int(cfg.actors), len(groups)), int(cfg.envs_per_actor),
+    n_envs = max(len(g) for g in groups)  # fewer episodes than envs_per_actor: no envs (ROM loads) left unused
+    fleet = ActorFleet(payload, eval_dict, min(int(cfg.actors), len(groups)), n_envs,
                        str(cfg.mode), bool(cfg.sample), render=record, max_restarts=max_restarts,
                        max_task_retries=max_task_retries, num_cpus=actor_cpus, resources=actor_resources,
                        fault_hook=fault_hook)
