@@ -5,8 +5,11 @@
 EnvPool cannot express; ``EnvPoolBatch`` is the batch of envs a rollout actor steps (the interface of
 evaluation/batch.py). Where EnvPool differs from the gymnasium reference (docs/evaluation.md, "EnvPool backend"):
 
-- Frames: EnvPool max-pools the last two raw frames, then resizes (Dopamine's order, ``frame_processing=dopamine``);
-  it cannot resize each frame first, so ``frame_processing=dt`` is refused (gymnasium runs it).
+- Frames: EnvPool max-pools the last two raw frames, then resizes (Dopamine's order, ``frame_processing=dopamine``)
+  and has no option for DT's resize-then-max-pool. Raw frames are available (``frame_skip=1``, 210x160: the
+  emulator's screens, checked), so DT's order could be rebuilt in Python, but at four pool calls and two Python
+  resizes per agent step, which gives up what EnvPool is for; and DT's setting also takes 0..29 no-ops, which
+  EnvPool cannot (below). So ``frame_processing=dt`` is refused (gymnasium runs it).
 - No-ops at reset: 1..``noop_max`` frames (EnvPool draws ``1 + uniform(0, noop_max - 1)``), so ``noop_min`` must be
   1 and ``noop_max >= 1``; DT's 0..29 (``noop_min=0``) is refused (gymnasium runs it).
 - Seeds: one pool per actor, made once (on the actor's first group) and reset per episode. EnvPool fixes each env's
@@ -51,8 +54,9 @@ def check_atari(cfg: Any) -> None:
     processing = str(getattr(cfg, "frame_processing", "dopamine"))
     if processing != "dopamine":
         raise ValueError(f"eval.frame_processing={processing}: EnvPool max-pools the last two raw frames and then "
-                         f"resizes (Dopamine's order, eval.frame_processing=dopamine); it cannot resize each frame "
-                         f"first as DT does. Use eval.env_backend=gymnasium for eval.frame_processing={processing}")
+                         f"resizes (Dopamine's order, eval.frame_processing=dopamine) and has no option to resize each "
+                         f"frame first as DT does. Use eval.env_backend=gymnasium for "
+                         f"eval.frame_processing={processing}")
     noop_min = int(getattr(cfg, "noop_min", 1))
     if noop_min != 1:
         raise ValueError(f"eval.noop_min={noop_min}: EnvPool draws 1..noop_max no-op frames at reset "

@@ -133,6 +133,29 @@ def test_envpool_rejects_what_it_cannot_run():
         make_batch(BREAKOUT, config(env_backend="envpool", noop_min=0, noop_max=29), None, 1)
     with pytest.raises(ValueError, match="max_episode_frames"):
         make_batch(BREAKOUT, config(env_backend="envpool", max_episode_frames=1001), None, 1)
+    dt = make_batch(BREAKOUT, config(frame_processing="dt", noop_min=0, noop_max=29), None, 1)  # the backend named
+    assert dt.reset([0]).shape == (1, 4, 84, 84)
+
+
+def test_envpool_returns_the_emulators_raw_screens_at_frame_skip_1():
+    """What the refusal of DT's frame order rests on (evaluation/envpool_envs.py): EnvPool has no resize-first
+    option, but at frame_skip=1 and 210x160 it hands out ALE's raw gray screens, the same as ale-py's."""
+    import ale_py
+    import envpool
+    import gymnasium as gym
+
+    pool = envpool.make("Breakout-v5", env_type="gymnasium", num_envs=1, batch_size=1, num_threads=1, frame_skip=1,
+                        noop_max=1, use_fire_reset=False, img_height=210, img_width=160, stack_num=1)
+    gym.register_envs(ale_py)
+    env = gym.make("ALE/Breakout-v5", frameskip=1, repeat_action_probability=0.0, obs_type="grayscale")
+    obs, _ = pool.reset()
+    env.reset(seed=0)
+    screen = env.step(0)[0]  # EnvPool's reset takes one no-op frame
+    np.testing.assert_array_equal(obs[0, 0], screen)
+    for action in [1] + [2, 3] * 20:
+        obs = pool.step(np.array([action]))[0]
+        screen = env.step(action)[0]
+        np.testing.assert_array_equal(obs[0, 0], screen)
     with pytest.raises(ValueError, match="Atari and MuJoCo"):
         make_batch({"kind": "gymnasium", "id": "CartPole-v1"}, config(env_backend="envpool"), None, 1)
     with pytest.raises(ValueError, match="--record"):
