@@ -64,6 +64,25 @@ def test_atari_episodes_are_bit_identical_where_the_protocol_is_deterministic():
     assert fast.pools_made == 1 and fast.env_seeds == [1, 2, 3]  # made at the first group, with its seeds
 
 
+def test_life_loss_ends_the_episode_and_a_reused_env_starts_a_new_game():
+    """terminal_on_life_loss: the batch ends the episode at the first life lost, at the same step and with the same
+    return as the reference, and the env's next episode is a new game with every life (EnvPool's own episodic_life
+    would continue the old game in a reused env)."""
+    cfg = config(noop_max=1, terminal_on_life_loss=True)
+    reference = make_batch(BREAKOUT, cfg, None, 2)
+    fast = make_batch(BREAKOUT, OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, 2)
+    for group in range(3):
+        tasks = make_tasks([90.0], 2, group)
+        expected = [(r["return"], r["length"]) for r in run_group(reference, RandomPolicy(reference.action_space), tasks)]
+        fast.reset([0, 1])
+        assert list(fast.lives) == [5, 5]  # a new game in every reused env
+        got = [(r["return"], r["length"]) for r in run_group(fast, RandomPolicy(fast.action_space), tasks)]
+        assert list(fast.lives) == [4, 4]  # one life lost each
+        assert got == expected
+        assert all(length < 100 for _, length in got), got  # the first life, not the game (~180 steps)
+    assert fast.pools_made == 1
+
+
 def test_a_reused_pool_gives_the_same_results_for_the_same_seeds_and_schedule():
     """A random protocol (no-op starts 1..30, sticky actions): every episode after the first group draws from its
     env's continuing generator, so two batches fed the same groups in the same order give identical episodes, and a
