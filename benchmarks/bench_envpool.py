@@ -11,9 +11,9 @@ the random-action gain of the same row, with the fraction reached.
 Bounds, timed in-process in the same run (one core, random actions, Breakout): ALE alone (4 emulator frames per
 agent step, no preprocessing: what no Atari backend can beat), the gymnasium reference env alone, EnvPool's
 stepping alone (one thread, 1/4/16 envs, auto-reset), the one-off cost of making a pool, and the emulation cost
-per frame of ale-py's ALE and of the ALE build inside EnvPool (40 frames per step, preprocessing amortised). ``ALE alone /
-gymnasium alone`` is the most any backend can gain over the reference on this machine; each random-action Breakout
-row reports its gain as a fraction of it.
+per frame of ale-py's ALE and of the ALE build inside EnvPool (40 frames per step, preprocessing amortised).
+``ALE alone / gymnasium alone`` is the most any backend can gain over the reference on this machine; each
+random-action Breakout row reports its gain as a fraction of it.
 
     python benchmarks/bench_envpool.py [--seconds 4] [--repeat 2]
 """
@@ -153,7 +153,8 @@ def main() -> None:
     ale_frame = float(np.mean([1e6 / emulator_bound(args.seconds, 40) / 40 for _ in range(args.repeat)]))
     pool_frame = float(np.mean([1e6 / envpool_alone(args.seconds, 1, 40)[0] / 40 for _ in range(args.repeat)]))
     print(f"- emulation per frame (40 frames per step): ale-py {ale_frame:.1f} us, EnvPool's ALE {pool_frame:.1f} us "
-          f"({pool_frame / ale_frame:.2f}x); 4 frames of EnvPool's emulation alone would run {1e6 / 4 / pool_frame:.0f} "
+          f"({pool_frame / ale_frame:.2f}x); 4 frames of EnvPool's emulation alone would run "
+          f"{1e6 / 4 / pool_frame:.0f} "
           f"steps/s ({1e6 / 4 / pool_frame / reference:.2f}x the reference)")
     for n_envs in ENVS_PER_ACTOR:
         rate, made = envpool_alone(args.seconds, n_envs)

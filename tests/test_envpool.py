@@ -73,7 +73,8 @@ def test_life_loss_ends_the_episode_and_a_reused_env_starts_a_new_game():
     fast = make_batch(BREAKOUT, OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, 2)
     for group in range(3):
         tasks = make_tasks([90.0], 2, group)
-        expected = [(r["return"], r["length"]) for r in run_group(reference, RandomPolicy(reference.action_space), tasks)]
+        policy = RandomPolicy(reference.action_space)
+        expected = [(r["return"], r["length"]) for r in run_group(reference, policy, tasks)]
         fast.reset([0, 1])
         assert list(fast.lives) == [5, 5]  # a new game in every reused env
         got = [(r["return"], r["length"]) for r in run_group(fast, RandomPolicy(fast.action_space), tasks)]
