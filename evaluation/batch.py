@@ -2,8 +2,10 @@
 
 ``GymnasiumBatch`` (the reference protocol) holds one gymnasium env per slot and steps only the slots whose episode
 is still running; ``EnvPoolBatch`` (evaluation/envpool_envs.py, the fast path) runs the same protocol in one EnvPool.
-``make_batch`` picks one by ``eval.env_backend``. Both give, for seeds ``s_0..s_{n-1}``, episodes that depend only on
-their own seed and actions, so results never depend on which actor ran a group.
+``make_batch`` picks one by ``eval.env_backend``. On gymnasium, episodes for seeds ``s_0..s_{n-1}`` depend only on
+their own seed and actions, so results never depend on which actor ran a group. EnvPool fixes its generators when an
+actor's pool is made (at its first group) and reuses the pool, so there an episode's no-op count, sticky actions
+and MuJoCo initial noise also depend on what its env ran before (evaluation/envpool_envs.py).
 """
 from __future__ import annotations
 
