@@ -26,6 +26,7 @@ import numpy as np
 from data_pipeline.atomic import atomic_write_text
 from mambadm.study.caveats import caveats
 from mambadm.study.claim import claim_check, claim_markdown, domain_words
+from mambadm.study.family_claim import family_check, family_markdown
 from mambadm.study.fits import FitError, fit_joint, fit_power_law
 from mambadm.study.plots import scaling_figure
 
@@ -189,6 +190,7 @@ def summary_markdown(result: dict) -> str:
              f"{result['seeds_per_point']}.", ""]
     if result["warnings"]:
         lines += ["## Warnings", "", *[f"- {w}" for w in result["warnings"]], ""]
+    lines += family_markdown(result["family_claim"], result["domain"])
     lines += claim_markdown(result["claim"], result["domain"])
     lines += ["Power-law gains per doubling are in the tables below; a fit through as many points as it has "
               "parameters is exact and has neither R² nor interval.", "", "## Power-law fits (log space)", ""]
@@ -250,6 +252,8 @@ def analyse(csv_path: Path, out: Path, metric: str = "score_mean", n_boot: int =
             "joint": joint_fits(rows, n_col, max(20, n_boot // 5)),
         },
         "claim": claim_check(score_pts, n_draws=max(200, n_boot)),
+        "family_claim": {f"`{metric}`": family_check(score_pts, True, n_draws=max(200, n_boot)),
+                         "best validation loss": family_check(loss_pts, False, n_draws=max(200, n_boot))},
     }
     scaling_figure(score_pts, loss_pts, result["fits"], metric, n_col, figure, result["error_bars"])
     atomic_write_text(out / "scaling.json", json.dumps(result, indent=2, default=float) + "\n")
