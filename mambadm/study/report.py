@@ -123,7 +123,7 @@ def report_markdown(out: Path, image: Callable[[Path], str], analysis_command: l
     rows = read_results(results) if results.is_file() else []
     lines = [f"# Study report: {out.name}", "",
              f"{len(rows)} finished cells in `{results.name}`. Sections: commands, grid, cells, figures, "
-             "compute-optimal analysis, scaling analysis and the paper's claims.", ""]
+             "compute-optimal analysis, scaling analysis and the paper's claims, global vs local eigenvalues.", ""]
     lines += commands_section(out, rows, analysis_command)
     lines += ["## Grid", ""]
     grid = out / "grid.yaml"
@@ -137,7 +137,9 @@ def report_markdown(out: Path, image: Callable[[Path], str], analysis_command: l
         lines += [f"### {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({image(png)})", ""]
     for title, name, command in (
             ("Compute-optimal analysis", "compute_optimal.md", "python -m mambadm.study.compute_optimal"),
-            ("Scaling analysis and the paper's claims", "scaling.md", "python -m mambadm.study.scaling")):
+            ("Scaling analysis and the paper's claims", "scaling.md", "python -m mambadm.study.scaling"),
+            ("Global vs local eigenvalues (the paper's third claim)", "branch_claim.md",
+             "python -m mambadm.study.branch_claim")):
         lines += [f"## {title}", ""]
         part = out / name
         lines += (demoted(part.read_text())[1:] if part.is_file()
