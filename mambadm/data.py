@@ -9,9 +9,10 @@ docs/training.md. In short:
   windows from it: Atari frames stacked at load time (zeros before the episode start), vector states normalised
   with the index's ``state_mean`` / ``state_std`` (+1e-6), returns-to-go divided by ``data.rtg_scale``, windows cut
   by the episode end right-padded + masked (training windows shifted back to end at the episode end instead with
-  ``data.window_cut=shifted``, as DT's Atari code does; validation stays padded). Training windows are drawn from a pool of decoded episodes holding
-  ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across episodes; a window stays a reference
-  (episode, start) until ``collate`` copies its steps, once, straight into the batch.
+  ``data.window_cut=shifted``, as DT's Atari code does; validation stays padded). Training windows are drawn from
+  a pool of decoded episodes holding ``data.shuffle_buffer / WINDOWS_PER_STEP`` steps, which mixes them across
+  episodes; a window stays a reference (episode, start) until ``collate`` copies its steps, once, straight into the
+  batch.
 * Training streams are infinite (``wds.ResampledShards``) and a pure function of ``(stream seed, rank, worker)``;
   validation is an exact, finite pass in which every step (or every ``data.val_stride``-th step) of every
   validation shard starts one window.
@@ -289,14 +290,12 @@ class WindowMaker:
         b, k, fs = len(windows), self.k, self.frame_stack
         first = windows[0][0]
         obs_shape, act_shape = first["obs"].shape[1:], first["actions"].shape[1:]
-        layout = {"frames" if self.atari else "states": ((b, k + fs - 1, *obs_shape) if self.atari else
-                                                         (b, k, *obs_shape), torch.uint8 if self.atari else
-                                                         torch.float32),
+        states_shape = (b, k + fs - 1, *obs_shape) if self.atari else (b, k, *obs_shape)
+        layout = {"frames" if self.atari else "states": (states_shape, torch.uint8 if self.atari else torch.float32),
                   "actions": ((b, k, *act_shape), torch.int64 if self.discrete else torch.float32),
                   "rtg": ((b, k), torch.float32), "timesteps": ((b, k), torch.int64), "mask": ((b, k), torch.bool)}
         slot, batch = self.batch_tensors(layout)
-        states, *small = batch.values()
-        for tensor in small:
+        for tensor in list(batch.values())[1:]:  # the small arrays; the states are written whole below
             tensor.zero_()
         states_np, act, rtg, timesteps, mask = (t.numpy() for t in batch.values())
         for row, (episode, start) in enumerate(windows):

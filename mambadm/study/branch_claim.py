@@ -73,7 +73,8 @@ def summary_markdown(result: dict) -> str:
              f"{result['n_cells']} MambaDM exports; Δ = softplus(dt_bias); long memory: |exp(ΔA)| > {t}; "
              f"per cell global − local (pooled over layers), mean over cells with its {100 * CONFIDENCE:.0f}% "
              f"bootstrap interval (cells resampled).", "",
-             "| measure | trained: global − local [CI] | verdict | change from init: global − local [CI] | verdict |",
+             "| measure | trained: global − local [CI] | verdict | change from init: global − local [CI] "
+             "| verdict |",
              "|---|---|---|---|---|"]
     names = {"share_long": f"share above {t}", "median": "median of abs exp(ΔA)"}
     for m, label in names.items():

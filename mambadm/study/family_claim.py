@@ -70,7 +70,8 @@ def family_markdown(checks: dict[str, dict], domain: str) -> list[str]:
             continue
         lines += [f"**{measure}**: MambaDM's advantage {_pct(check['advantage'])}{_pct_ci(check['ci'])} "
                   f"(spread from {check['spread_from']}) — {check['verdict']}.", "",
-                  "| size | transitions | N MambaDM / DT | MambaDM | DT | advantage [CI] |", "|---|---|---|---|---|---|"]
+                  "| size | transitions | N MambaDM / DT | MambaDM | DT | advantage [CI] |",
+                  "|---|---|---|---|---|---|"]
         for r in check["pairs"]:
             lines.append(f"| {r['size']} | {r['transitions']:,.0f} | {r['n_mambadm']:,.0f} / {r['n_dt']:,.0f} | "
                          f"{r['mambadm']:.4g} | {r['dt']:.4g} | {_pct(r['advantage'])}{_pct_ci(r['ci'])} |")
