@@ -43,6 +43,9 @@ def test_family_check_finds_a_planted_advantage_and_its_sign_follows_the_measure
 def test_family_check_does_not_answer_from_noise_or_without_pairs():
     noisy = family_check(grid_points(advantage=0.0, noise=0.3, seeds=2, seed=4), higher_is_better=True)
     assert noisy["ci"][0] < 0 < noisy["ci"][1] and not noisy["answered"] and "spans zero" in noisy["verdict"]
+    one_seed = [Point(f, "xs", 5e4, 1e4, [v], [float("nan")]) for f, v in (("mambadm", 1.0), ("dt", 2.0))]
+    single = family_check(one_seed, True)
+    assert not single["answered"] and single["pairs"][0]["ci"] is None  # no spread: no interval, no verdict
     only_dt = [p for p in grid_points(0.2, 0.01) if p.family == "dt"]
     assert family_check(only_dt, True)["verdict"].startswith("not answered: no grid point")
 

@@ -40,7 +40,8 @@ def family_check(points: list[Any], higher_is_better: bool, n_draws: int = 1000,
         sources |= {sm, sd}
         draws.append(sign * (dm - dd) / np.abs(dd))
         rows.append({"size": m.size, "transitions": m.d, "n_mambadm": m.n, "n_dt": d.n, "mambadm": m.mean,
-                     "dt": d.mean, "advantage": sign * (m.mean - d.mean) / abs(d.mean), "ci": _ci(draws[-1])})
+                     "dt": d.mean, "advantage": sign * (m.mean - d.mean) / abs(d.mean),
+                     "ci": None if "none" in (sm, sd) else _ci(draws[-1])})  # no spread, no interval
     mean_draws = np.mean(draws, axis=0)
     entry = {"pairs": rows, "advantage": float(np.mean([r["advantage"] for r in rows])), "ci": _ci(mean_draws),
              "spread_from": "none" if "none" in sources else "+".join(sorted(sources)),
