@@ -189,21 +189,35 @@ def training_step(family: str, size: str, backend: str, batch: int, k: int, comp
     return model, step
 
 
-def time_training(family: str, size: str, backend: str, batch: int, k: int, peak: float,
-                  compiled: bool = False) -> dict:
-    """Times one training configuration and prints its table row; a batch that does not fit prints OOM."""
-    row = {"family": family, "size": size, "backend": backend, "compiled": compiled, "batch": batch, "K": k}
+def measure_step(family: str, size: str, backend: str, batch: int, k: int, compiled: bool = False,
+                 grad_checkpoint: bool = False, warmup: int = 3, repeats: int = 10) -> tuple[float, float] | None:
+    """(seconds per training step, peak GPU bytes or nan on CPU) of one configuration, or None when it does not fit
+    (CUDA out of memory); the model is freed either way."""
     model = step = None
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
-        model, step = training_step(family, size, backend, batch, k, compiled)
-        seconds = cuda_time(step, warmup=3, repeats=10)
+        model, step = training_step(family, size, backend, batch, k, compiled, grad_checkpoint=grad_checkpoint)
+        seconds = cuda_time(step, warmup=warmup, repeats=repeats)
+        return seconds, (torch.cuda.max_memory_allocated() if DEVICE == "cuda" else float("nan"))
     except torch.cuda.OutOfMemoryError:
-        print(f"| {family} | {size} | {backend} | {compiled} | - | {batch} | {k} | OOM | | | |", flush=True)
-        return {**row, "oom": True}
+        return None
     finally:
         del model, step
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_training(family: str, size: str, backend: str, batch: int, k: int, peak: float,
+                  compiled: bool = False) -> dict:
+    """Times one training configuration and prints its table row; a batch that does not fit prints OOM."""
+    row = {"family": family, "size": size, "backend": backend, "compiled": compiled, "batch": batch, "K": k}
+    measured = measure_step(family, size, backend, batch, k, compiled)
+    if measured is None:
+        print(f"| {family} | {size} | {backend} | {compiled} | - | {batch} | {k} | OOM | | | |", flush=True)
+        return {**row, "oom": True}
+    seconds = measured[0]
     tokens = 3 * k * batch / seconds
     flops = build_flops(family, size, k)
     row.update(params=flops["params"], step_ms=1000 * seconds, tokens_per_s=tokens,
@@ -228,22 +242,12 @@ def time_pair_row(family: str, size: str, backend: str, batch: int, k: int, peak
     row = {"family": family, "size": size, "backend": backend, "grad_checkpoint": grad_checkpoint, "batch": batch,
            "K": k}
     flops = build_flops(family, size, k)
-    model = step = None
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        model, step = training_step(family, size, backend, batch, k, grad_checkpoint=grad_checkpoint)
-        seconds = cuda_time(step, warmup=2, repeats=5)
-        peak_bytes = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else float("nan")
-    except torch.cuda.OutOfMemoryError:
+    measured = measure_step(family, size, backend, batch, k, grad_checkpoint=grad_checkpoint, warmup=2, repeats=5)
+    if measured is None:
         print(f"| {family} | {size} | {backend} | {grad_checkpoint} | {flops['params']:,} | {batch} | {k} | OOM | | | "
               "| |", flush=True)
         return {**row, "oom": True}
-    finally:
-        del model, step
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    seconds, peak_bytes = measured
     tokens = 3 * k * batch / seconds
     tflops = flops["per_token"] * tokens / 1e12
     row.update(params=flops["params"], step_ms=1000 * seconds, tokens_per_s=tokens, tflops=tflops, mfu=tflops / peak,

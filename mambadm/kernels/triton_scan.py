@@ -13,6 +13,25 @@ def _softplus(x):
 
 
 @triton.jit
+def _channel_params(a_ptr, d_ptr, bias_ptr, d, n, N, dm, dn_mask, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BD: tl.constexpr):
+    """A (BD, NP), D and the dt bias (BD,) of a block of channels, in float32 (zeros where the scan has none)."""
+    A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    Dv = tl.load(d_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BD,), tl.float32)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    return A, Dv, bias
+
+
+@triton.jit
+def _chunk_decay(dl, A, t, tm, segment):
+    """exp(Δ·A) of a chunk's tokens (CHUNK, BD, NP): 0 at a restart (it drops the state before it), 1 past the
+    row's end (the state is carried unchanged)."""
+    a = tl.exp(dl[:, :, None] * A[None, :, :])
+    a = tl.where((t % segment == 0)[:, None, None], 0.0, a)
+    return tl.where(tm[:, None, None], a, 1.0)
+
+
+@triton.jit
 def scan_fwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, out_ptr, ckpt_ptr, last_ptr,
              L, Dn, N, segment, n_chunks, su_r, su_t, sd_r, sd_t, sz_r, sz_t, sb_r, sb_t, sc_r, sc_t,
              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -23,9 +42,7 @@ def scan_fwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, out_ptr
     n = tl.arange(0, NP)
     dm, nm = d < Dn, n < N
     dn_mask = dm[:, None] & nm[None, :]
-    A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    Dv = tl.load(d_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BD,), tl.float32)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    A, Dv, bias = _channel_params(a_ptr, d_ptr, bias_ptr, d, n, N, dm, dn_mask, HAS_D, HAS_BIAS, BD)
     h = tl.zeros((BD, NP), tl.float32)
     for t in range(L):
         if SAVE_CKPT:
@@ -63,9 +80,7 @@ def scan_bwd(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, ckpt_pt
     dn_mask = dm[:, None] & nm[None, :]
     tile = tl.arange(0, BD)[:, None] * NP + n[None, :]  # offsets inside one scratch slot
     scratch = scratch_ptr + (r * n_dblocks + pd) * (CHUNK * BD * NP)
-    A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    Dv = tl.load(d_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BD,), tl.float32)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    A, Dv, bias = _channel_params(a_ptr, d_ptr, bias_ptr, d, n, N, dm, dn_mask, HAS_D, HAS_BIAS, BD)
     if HAS_GLAST:  # gradient of the returned last state: dL/dh_{L-1}
         carry = tl.load(glast_ptr + (r * Dn + d[:, None]) * N + n[None, :], mask=dn_mask, other=0.0)
     else:
@@ -181,9 +196,7 @@ def scan_fwd_chunked(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,
     i = tl.arange(0, CHUNK)
     dm, nm = d < Dn, n < N
     dn_mask = dm[:, None] & nm[None, :]
-    A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    Dv = tl.load(d_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BD,), tl.float32)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    A, Dv, bias = _channel_params(a_ptr, d_ptr, bias_ptr, d, n, N, dm, dn_mask, HAS_D, HAS_BIAS, BD)
     h = tl.zeros((BD, NP), tl.float32)  # the state before the chunk
     for c in range(n_chunks):
         if SAVE_CKPT:
@@ -198,9 +211,7 @@ def scan_fwd_chunked(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,
             dl = _softplus(dl)
         Bt = tl.load(b_ptr + r * sb_r + t[:, None] * sb_t + n[None, :], mask=tn, other=0.0).to(tl.float32)
         Ct = tl.load(c_ptr + r * sc_r + t[:, None] * sc_t + n[None, :], mask=tn, other=0.0).to(tl.float32)
-        a = tl.exp(dl[:, :, None] * A[None, :, :])
-        a = tl.where((t % segment == 0)[:, None, None], 0.0, a)  # a restart drops the state before it
-        a = tl.where(tm[:, None, None], a, 1.0)  # past the row's end the state is carried unchanged
+        a = _chunk_decay(dl, A, t, tm, segment)
         prod, acc = _tile_scan(a, (dl * uu)[:, :, None] * Bt[:, None, :], i, CHUNK, False, SEQUENTIAL)
         hs = prod * h[None, :, :] + acc  # (CHUNK, BD, NP): the state after each token
         y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * uu
@@ -227,9 +238,7 @@ def scan_bwd_chunked(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,
     i = tl.arange(0, CHUNK)
     dm, nm = d < Dn, n < N
     dn_mask = dm[:, None] & nm[None, :]
-    A = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    Dv = tl.load(d_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BD,), tl.float32)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    A, Dv, bias = _channel_params(a_ptr, d_ptr, bias_ptr, d, n, N, dm, dn_mask, HAS_D, HAS_BIAS, BD)
     if HAS_GLAST:  # gradient of the returned last state: dL/dh after the row's last token
         lam_next = tl.load(glast_ptr + (r * Dn + d[:, None]) * N + n[None, :], mask=dn_mask, other=0.0)
     else:
@@ -251,9 +260,7 @@ def scan_bwd_chunked(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,
         Bt = tl.load(b_ptr + r * sb_r + t[:, None] * sb_t + n[None, :], mask=tn, other=0.0).to(tl.float32)
         Ct = tl.load(c_ptr + r * sc_r + t[:, None] * sc_t + n[None, :], mask=tn, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + (r * L + t[:, None]) * Dn + d[None, :], mask=td, other=0.0).to(tl.float32)
-        a = tl.exp(dl[:, :, None] * A[None, :, :])
-        a = tl.where((t % segment == 0)[:, None, None], 0.0, a)
-        a = tl.where(tm[:, None, None], a, 1.0)
+        a = _chunk_decay(dl, A, t, tm, segment)
         x = dl * uu
         bx = x[:, :, None] * Bt[:, None, :]
         prod, acc = _tile_scan(a, bx, i, CHUNK, False, SEQUENTIAL)
@@ -271,9 +278,7 @@ def scan_bwd_chunked(u_ptr, dl_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,
         raw1 = tl.load(dl_ptr + r * sd_r + (t[:, None] + 1) * sd_t + d[None, :], mask=t1m[:, None] & dm[None, :],
                        other=0.0).to(tl.float32) + bias[None, :]
         dl1 = _softplus(raw1) if SOFTPLUS else raw1
-        a1 = tl.exp(dl1[:, :, None] * A[None, :, :])
-        a1 = tl.where(((t + 1) % segment == 0)[:, None, None], 0.0, a1)
-        a1 = tl.where(t1m[:, None, None], a1, 1.0)
+        a1 = _chunk_decay(dl1, A, t + 1, t1m, segment)
         prod1, acc1 = _tile_scan(a1, gy[:, :, None] * Ct[:, None, :], i, CHUNK, True, SEQUENTIAL)
         lam = prod1 * lam_next[None, :, :] + acc1
         # 3. the gradients of the chunk's tokens; parameter gradients summed over them
