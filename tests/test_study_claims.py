@@ -80,3 +80,8 @@ def test_branch_measures_of_a_real_gloma_model_and_the_cli_names_a_missing_expor
     run = subprocess.run([sys.executable, "-m", "mambadm.study.branch_claim", str(csv)], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "mambadm-xs-t1-s0" in run.stderr and "not found" in run.stderr
+    csv.write_text("cell,family\nmambadm-xs-t1-s0,mambadm\n")
+    run = subprocess.run([sys.executable, "-m", "mambadm.study.branch_claim", str(csv)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "['checkpoint']" in run.stderr and str(csv) in run.stderr
+    assert not (tmp_path / "branch_claim.md").exists()  # nothing written for bad input

@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with args.results.open() as f:
-            rows = [r for r in csv.DictReader(f) if r.get("family") == "mambadm"]
+            reader = csv.DictReader(f)
+            missing = {"cell", "family", "checkpoint"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{args.results}: no column(s) {sorted(missing)} (a results.csv of mambadm.grid "
+                                 f"has them)")
+            rows = [r for r in reader if r["family"] == "mambadm"]
         if not rows:
             raise ValueError(f"{args.results}: no MambaDM rows")
         cells = []
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if not export.is_dir():
                 raise FileNotFoundError(f"{args.results}: cell {r['cell']}: export {export} not found")
             cells.append({"cell": r["cell"], **cell_measures(export, args.threshold)})
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"branch_claim: {e}", file=sys.stderr)
         return 2
     result = {"source": str(args.results), "threshold": args.threshold, "n_cells": len(cells), "cells": cells,
