@@ -9,7 +9,8 @@ the windows folded into the batch (`conv.per_window`), here and nowhere else.
 `fast` chunked pure-PyTorch scan with a hand-written backward (scan_fast.py), runs anywhere PyTorch does;
 `cpp`  fused C++ CPU kernels (scan_cpp.py, built by mambadm/kernels/build.py where a C++ compiler and ninja are);
 `cuda` mamba_ssm's fused kernel (scan_cuda.py), only when mamba_ssm imports and the tensors are on CUDA;
-`triton` a Triton kernel for short rows (scan_triton.py), on CUDA tensors where triton imports;
+`triton` a Triton kernel for short rows (scan_triton.py), on CUDA tensors where triton imports; its conv fused in
+         Triton too with $MAMBADM_TRITON_FUSED=1 (conv_triton.py);
 `auto` on a GPU triton when it imports, else cuda, else fast; on a CPU cpp when it builds, else fast.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from mambadm.kernels.build import cpp_missing
 from mambadm.ssm.conv import causal_depthwise_conv, per_window
+from mambadm.ssm.conv_triton import causal_conv_silu_triton, fused_conv_enabled
 from mambadm.ssm.scan_cpp import DEFAULT_CHUNK, causal_conv_silu_cpp, io_dtype, scan_rows, segment_keep
 from mambadm.ssm.scan_cuda import causal_conv1d_cuda, cuda_missing, selective_scan_cuda
 from mambadm.ssm.scan_fast import selective_scan_fast
@@ -156,8 +158,16 @@ class CudaBackend(Backend):
 
 
 class TritonBackend(Backend):
+    """The Triton scan (scan_triton.py); its conv is the PyTorch one, or with $MAMBADM_TRITON_FUSED=1 the fused
+    Triton conv + SiLU (conv_triton.py, off until a GPU session has tested and timed it)."""
+
     name = "triton"
     scan_segments = True
+
+    def _conv(self, u, weight, bias, segment):
+        if fused_conv_enabled():
+            return causal_conv_silu_triton(u, weight, bias, segment)
+        return super()._conv(u, weight, bias, segment)
 
     def channel_first(self) -> Callable:
         return selective_scan_triton
