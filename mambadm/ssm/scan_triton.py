@@ -177,7 +177,8 @@ class _TritonScan(torch.autograd.Function):
         n_chunks, n_dblocks = ckpt.shape[1], triton.cdiv(Dn, BD)
         g_out = g_out.contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
-        du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty(R, L, Dn, **f32)
+        du = torch.empty_like(u, memory_format=torch.contiguous_format)
+        ddelta = torch.empty(R, L, Dn, device=u.device, dtype=delta.dtype)  # rounded as stored: no cast pass after
         dz = torch.empty(R, L, Dn, device=u.device, dtype=z.dtype) if z is not None else du
         dB_part, dC_part = torch.empty(R, L, n_dblocks, N, **f32), torch.empty(R, L, n_dblocks, N, **f32)
         dA_rows, dD_rows, dbias_rows = torch.empty(R, Dn, N, **f32), torch.empty(R, Dn, **f32), torch.empty(R, Dn, **f32)
@@ -191,7 +192,7 @@ class _TritonScan(torch.autograd.Function):
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GLAST=g_last is not None, NP=NP, BD=BD,
             CHUNK=chunk, num_warps=_warps(), **flags)
         A_dtype, D_dtype, bias_dtype = ctx.param_dtypes
-        return (du, ddelta.to(delta.dtype), dA_rows.sum(0).to(A_dtype), dB_part.sum(2).to(B.dtype),
+        return (du, ddelta, dA_rows.sum(0).to(A_dtype), dB_part.sum(2).to(B.dtype),
                 dC_part.sum(2).to(C.dtype), dD_rows.sum(0).to(D_dtype) if D is not None else None,
                 dz if z is not None else None, dbias_rows.sum(0).to(bias_dtype) if delta_bias is not None else None,
                 None, None, None)
