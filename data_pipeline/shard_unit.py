@@ -4,19 +4,17 @@ Every tar is written under a temporary name and renamed when complete; the done 
 counts, sha256 and bytes per shard, return and state statistics) is written last, atomically, so a unit either has a
 valid record or is redone. Tars are byte-reproducible (fixed mtime), so a redone unit gives identical files.
 
-The tars are written with the standard library's ``tarfile`` in the member layout of ``webdataset.TarWriter``
-(``<key>.<ext>`` in sorted order, mode 0444, fixed mtime; plain USTAR headers), sha256 computed while writing:
-importing webdataset imports torch, which costs every worker process 1-4 s of start-up and ~200 MB of memory. The
-tests read the shards back with webdataset. A finished tar is fsynced and renamed into place by a background thread
-while the next one is written; the done record waits for all of them.
+The tars hold the bytes the standard library's ``tarfile`` writes (``data_pipeline.tar_writer``) in the member layout
+of ``webdataset.TarWriter`` (``<key>.<ext>`` in sorted order, mode 0444, fixed mtime; plain USTAR headers), sha256
+computed while writing: importing webdataset imports torch, which costs every worker process 1-4 s of start-up and
+~200 MB of memory. The tests read the shards back with webdataset and tarfile. A finished tar is fsynced and renamed
+into place by a background thread while the next one is written; the done record waits for all of them.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from data_pipeline.atomic import atomic_write_json
 from data_pipeline.episode_sample import FORMAT_VERSION, episode_sample, make_compressor
 from data_pipeline.running_stats import RunningStats
 from data_pipeline.sources import get_reader
+from data_pipeline.tar_writer import archive_end, member_header, member_padding
 
 DELAY_ENV = "MAMBADM_SHARD_EPISODE_DELAY"  # seconds to sleep after each episode: lets tests kill a run midway
 
@@ -82,34 +81,27 @@ def clear_unit(job: UnitJob) -> None:
         path.unlink()
 
 
-COPY_BUFFER = 1 << 22  # tarfile copies each member in pieces of this size (its default, 16 KiB, costs many writes)
-
-
 class TarStream:
-    """A tar file being written: ``tarfile`` over a write-through file that counts bytes and computes sha256."""
+    """A tar file being written (``data_pipeline.tar_writer``'s bytes), counting its bytes and computing sha256."""
 
     def __init__(self, path: Path):
         self.file = open(path, "wb")
         self.sha, self.bytes = hashlib.sha256(), 0
-        self.tar = tarfile.open(fileobj=self, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=COPY_BUFFER)
 
-    def write(self, data) -> int:  # the file interface tarfile writes to
+    def write(self, data) -> None:
         self.sha.update(data)
         self.bytes += len(data)
-        return self.file.write(data)
-
-    def tell(self) -> int:
-        return self.bytes
+        self.file.write(data)
 
     def add(self, name: str, data: bytes) -> None:
         """One regular file holding ``data``."""
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
-        self.tar.addfile(info, io.BytesIO(data))
+        self.write(member_header(name, len(data)))
+        self.write(data)
+        self.write(member_padding(len(data)))
 
     def finish(self) -> None:
         """End the archive and hand it to the OS; ``bytes`` and ``sha`` are final from here on."""
-        self.tar.close()
+        self.write(archive_end(self.bytes))
         self.file.flush()
 
     def sync_close(self) -> None:
