@@ -13,17 +13,20 @@ into place by a background thread while the next one is written; the done record
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from data_pipeline.atomic import atomic_write_json
+from data_pipeline.episode import Episode
 from data_pipeline.episode_sample import FORMAT_VERSION, episode_sample, make_compressor
 from data_pipeline.running_stats import RunningStats
 from data_pipeline.sources import get_reader
@@ -110,6 +113,28 @@ class TarStream:
         self.file.close()
 
 
+class FrameBuffer:
+    """One growing uint8 buffer that every episode's frames are read into (``empty`` is the reader's allocator):
+    the reader decompresses into pages already mapped, not into a new array per episode. The sharder may: it
+    compresses each episode before it asks for the next, which overwrites the frames."""
+
+    def __init__(self):
+        self.memory = np.empty(0, np.uint8)
+
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = math.prod(shape)
+        if size > len(self.memory):
+            self.memory = np.empty(size, np.uint8)
+        return self.memory[:size].reshape(shape)
+
+
+def read_episodes(reader, unit) -> Iterator[Episode]:
+    """The unit's episodes, frames read into one reused ``FrameBuffer`` when the reader takes an allocator."""
+    if "empty_frames" in inspect.signature(reader.read_unit).parameters:
+        return reader.read_unit(unit, empty_frames=FrameBuffer().empty)
+    return reader.read_unit(unit)
+
+
 def write_sample(tar: TarStream, sample: dict) -> None:
     """One WebDataset sample: members ``<__key__>.<name>`` in sorted order."""
     key = sample["__key__"]
@@ -185,7 +210,7 @@ def shard_unit(job: UnitJob, progress: Callable[[int], None] | None = None) -> d
     compressor = make_compressor(job.zstd_level)
     totals = {"episodes": 0, "transitions": 0, "samples": 0, "max_length": 0}
     with ShardSeries(Path(job.output), job.index, job.shard_transitions) as series:
-        for ep in reader.read_unit(job.unit):
+        for ep in read_episodes(reader, job.unit):
             if job.vector_obs:
                 states = states or RunningStats(ep.observations.shape[1])
                 states.update(ep.observations)

@@ -106,15 +106,22 @@ def test_parallel_run_resume_after_kill_and_verify(d4rl_dir, tmp_path):
     assert check.returncode == 1 and victim.name in check.stderr and "sha256" in check.stderr
 
 
-def test_dqn_replay_source_round_trip(tmp_path):
-    """The Atari path: a real Breakout collection in the DQN-Replay layout, sharded with the frame context."""
+@pytest.fixture(scope="module")
+def breakout_root(tmp_path_factory) -> Path:
+    """A real Breakout collection in the DQN-Replay layout: random play, short episodes, several per checkpoint of
+    1,000 rows."""
     collect_atari = pytest.importorskip("data_pipeline.collect_atari").collect_atari
+    return collect_atari("Breakout", tmp_path_factory.mktemp("raw"), 2_500, 0, capacity=1_000, epsilons=(1.0,),
+                         progress=False)
+
+
+def test_dqn_replay_source_round_trip(breakout_root, tmp_path):
+    """The Atari path: a real Breakout collection in the DQN-Replay layout, sharded with the frame context."""
     dqn_replay = pytest.importorskip("data_pipeline.sources.dqn_replay")
     from data_pipeline import shard
     from shard_readback import check_against_episodes, read_samples
 
-    # random play: short episodes, several per checkpoint of 1,000 rows
-    root = collect_atari("Breakout", tmp_path / "raw", 2_500, 0, capacity=1_000, epsilons=(1.0,), progress=False)
+    root = breakout_root
     out = tmp_path / "shards"
     assert shard.main(["--source", "dqn-replay", "--input", str(root), "--output", str(out),
                        "--shard-transitions", "500", "--verify"]) == 0
@@ -130,6 +137,28 @@ def test_dqn_replay_source_round_trip(tmp_path):
     assert len(units) >= 2 and len(episodes) >= 6
     assert {s["name"][:10] for s in index["shards"]} == {f"shard-{i:04d}" for i, u in enumerate(units)
                                                          if any(True for _ in dqn_replay.read_unit(u))}
+
+
+def test_reused_frame_buffer_gives_byte_identical_shards(breakout_root, tmp_path, monkeypatch):
+    """The sharder reads every episode's frames into one reused buffer; the tars are those of a new array per
+    episode, byte for byte."""
+    from data_pipeline import shard, shard_unit
+
+    used, original = [], shard_unit.FrameBuffer.empty
+
+    def counted(self, shape):
+        used.append(shape)
+        return original(self, shape)
+
+    monkeypatch.setattr(shard_unit.FrameBuffer, "empty", counted)
+    args = ["--source", "dqn-replay", "--input", str(breakout_root), "--shard-transitions", "500"]
+    assert shard.main([*args, "--output", str(tmp_path / "reused")]) == 0
+    assert len(used) >= 6
+    monkeypatch.setattr(shard_unit, "read_episodes", lambda reader, unit: reader.read_unit(unit))
+    assert shard.main([*args, "--output", str(tmp_path / "new")]) == 0
+    reused, new = (sorted((tmp_path / name).glob("*.tar")) for name in ("reused", "new"))
+    assert [p.name for p in reused] == [p.name for p in new] and len(new) >= 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(reused, new))
 
 
 def test_a_failing_unit_in_a_worker_fails_the_run_clearly(d4rl_dir, tmp_path):

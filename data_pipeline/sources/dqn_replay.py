@@ -34,7 +34,7 @@ checkpoint (run_position counts the runs under PATH from 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +217,10 @@ def _stack_size(file: Path, cursor: int, capacity: int) -> int:
     return stack
 
 
+def new_frames(shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, np.uint8)
+
+
 @dataclass(frozen=True)
 class Span:
     start: int  # logical rows [start, stop)
@@ -256,8 +260,13 @@ def spans(ck: Checkpoint, starts_with_padding: bool) -> list[Span]:
     return out
 
 
-def read_unit(unit: Unit, block_rows: int = BLOCK_ROWS) -> Iterator[Episode]:
-    """The episodes of one checkpoint, oldest first."""
+def read_unit(unit: Unit, block_rows: int = BLOCK_ROWS,
+              empty_frames: Callable[[tuple[int, ...]], np.ndarray] = new_frames) -> Iterator[Episode]:
+    """The episodes of one checkpoint, oldest first.
+
+    ``empty_frames(shape)`` gives the uint8 array (C-contiguous, of that shape) each episode's frames are read into;
+    by default a new one per episode. An allocator that hands out the same memory again (the sharder's
+    ``FrameBuffer``) makes an episode's observations valid only until the next episode is asked for."""
     replay_logs, index = Path(unit.path), unit.start
     ck = load_checkpoint(replay_logs, index)
     source = str(Path(replay_logs.parent.parent.name) / replay_logs.parent.name / replay_logs.name
@@ -273,7 +282,7 @@ def read_unit(unit: Unit, block_rows: int = BLOCK_ROWS) -> Iterator[Episode]:
         for span in spans(ck, starts_with_padding):
             if starts_with_padding and span.start == 0:
                 continue  # its frames were read and checked just above
-            frames = np.empty((span.stop - span.start, *FRAME_SHAPE), np.uint8)
+            frames = empty_frames((span.stop - span.start, *FRAME_SHAPE))
             at = 0
             for a, b in ck.physical(span.start, span.stop):
                 stream.read(a, b, frames[at:at + b - a])
