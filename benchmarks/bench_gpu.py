@@ -19,6 +19,11 @@
   fused backend) over --pair-batches, eager, each row with step ms, tokens/s, MFU, the peak GPU memory of the step
   and its batch; a batch that does not fit prints OOM and ends that family's sweep. The last pair also runs with
   model.grad_checkpoint at --checkpoint-batch. Models are built on the GPU directly.
+- fused: the `triton` backend's fused conv (mambadm/ssm/conv_triton.py, $MAMBADM_TRITON_FUSED) on a GPU. First its
+  parity: the mixer on `triton` with the fused conv against `ref`, float32, forward + backward, with and without the
+  local branch's windows. Then the training step of MambaDM at the --sizes preset (default the largest) over
+  --fused-batches on `triton` with the fused conv off and on, on `cuda` where mamba_ssm imports, and DT at the same
+  batch: step ms, tokens/s, MFU, the speed-up of the fused conv and MambaDM's time per token over DT's.
 
 Everything printed is measured in this run on the card named in the first line.
 """
@@ -41,6 +46,7 @@ from mambadm.model import build_model  # noqa: E402
 from mambadm.model.embeddings import TokenEmbedding  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 from mambadm.ssm import Mamba, available_backends  # noqa: E402
+from mambadm.ssm.conv_triton import FUSED  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
@@ -91,28 +97,34 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def mixer_grads(name: str, state: dict, x: torch.Tensor, grad: torch.Tensor, segment: int | None = None):
+    """(output, grad of x, parameter grads) of a Mamba mixer on backend `name` with the weights `state`."""
+    mixer = Mamba(x.shape[-1], backend=name).to(DEVICE)
+    mixer.load_state_dict(state)
+    xi = x.clone().requires_grad_(True)
+    y = mixer(xi, segment=segment)
+    y.backward(grad)
+    return y.detach(), xi.grad, {k: p.grad for k, p in mixer.named_parameters()}
+
+
+def parity_row(label: str, mine, ref, **shape) -> dict:
+    """Relative errors of one backend's (output, grad x, parameter grads) against ref's; the worst parameter named."""
+    (y, gx, g), (y0, gx0, g0) = mine, ref
+    worst = max(g, key=lambda k: _rel(g[k], g0[k]))
+    return {"backend": label, **shape, "out": _rel(y, y0), "grad_x": _rel(gx, gx0),
+            "grad_param_max": _rel(g[worst], g0[worst]), "worst_param": worst}
+
+
 def parity(backends: list[str]) -> list[dict]:
     rows = []
     for d_model, length in ((64, 37), (128, 301), (96, 1024)):
         torch.manual_seed(0)
-        ref = Mamba(d_model, backend="ref").to(DEVICE)
+        state = Mamba(d_model, backend="ref").state_dict()
         x = torch.randn(3, length, d_model, device=DEVICE)
         grad = torch.randn(3, length, d_model, device=DEVICE)
-        results = {}
-        for name in ["ref", *backends]:
-            mixer = Mamba(d_model, backend=name).to(DEVICE)
-            mixer.load_state_dict(ref.state_dict())
-            xi = x.clone().requires_grad_(True)
-            y = mixer(xi)
-            y.backward(grad)
-            grads = {k: p.grad for k, p in mixer.named_parameters()}
-            results[name] = (y.detach(), xi.grad, grads)
-        y0, gx0, g0 = results["ref"]
-        for name in backends:
-            y, gx, g = results[name]
-            worst = max(g, key=lambda k: _rel(g[k], g0[k]))
-            rows.append({"backend": name, "d_model": d_model, "L": length, "out": _rel(y, y0), "grad_x": _rel(gx, gx0),
-                         "grad_param_max": _rel(g[worst], g0[worst]), "worst_param": worst})
+        ref = mixer_grads("ref", state, x, grad)
+        rows += [parity_row(name, mixer_grads(name, state, x, grad), ref, d_model=d_model, L=length)
+                 for name in backends]
     print(f"\n| backend vs ref (float32, {DEVICE}) | d_model | L | output rel. err | grad x rel. err | "
           "worst param grad rel. err |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -321,6 +333,78 @@ def profile_step(family: str, size: str, backend: str, batch: int, k: int) -> No
     del model, step
 
 
+FUSED_PARITY_SHAPES = [(64, 37, None), (128, 90, None), (128, 90, 15), (96, 301, 15)]  # d_model, L, segment
+FUSED_TIMING = {"warmup": 2, "repeats": 5}  # steps per row of the fused part
+FUSED_HEADER = ("\n| family | size | backend | fused conv | batch | K | step ms | tokens/s | MFU | fused / unfused "
+                "| step / DT's |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fused_conv_parity() -> list[dict]:
+    """The mixer on `triton` with its fused conv against `ref` (float32, forward + backward; segment: the local
+    branch's windows, in place on triton, folded into the batch on ref)."""
+    rows = []
+    FUSED["conv"] = True
+    try:
+        for d_model, length, segment in FUSED_PARITY_SHAPES:
+            torch.manual_seed(0)
+            state = Mamba(d_model, backend="ref").state_dict()
+            x = torch.randn(3, length, d_model, device=DEVICE)
+            grad = torch.randn(3, length, d_model, device=DEVICE)
+            ref = mixer_grads("ref", state, x, grad, segment)
+            try:
+                rows.append(parity_row("triton, fused conv", mixer_grads("triton", state, x, grad, segment), ref,
+                                       d_model=d_model, L=length, segment=segment))
+            except Exception as exc:  # e.g. a kernel the compiler refuses on this card
+                rows.append({"backend": "triton, fused conv", "d_model": d_model, "L": length, "segment": segment,
+                             "failed": f"{type(exc).__name__}: {exc}"})
+    finally:
+        FUSED["conv"] = None
+    print(f"\n| backend vs ref (float32, {DEVICE}) | d_model | L | segment | output rel. err | grad x rel. err | "
+          "worst param grad rel. err |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = (f"failed: {r['failed'][:200]} | | " if "failed" in r else
+                 f"{r['out']:.2e} | {r['grad_x']:.2e} | {r['grad_param_max']:.2e} ({r['worst_param']}) ")
+        print(f"| {r['backend']} | {r['d_model']} | {r['L']} | {r['segment']} | {cells}|", flush=True)
+    return rows
+
+
+def fused_conv_steps(size: str, batches: list[int], k: int, peak: float, backends: list[str]) -> list[dict]:
+    """MambaDM's training step on `triton` with the fused conv off and on (and on `cuda` where available) beside
+    DT's at the same batch: eager, bf16 autocast, AdamW; a failing or OOM configuration is a row."""
+    rows = []
+    flops = {family: build_flops(family, size, k) for family in ("dt", "mambadm")}
+    variants = [("dt", "-", None), ("mambadm", "triton", False), ("mambadm", "triton", True)]
+    variants += [("mambadm", "cuda", None)] if "cuda" in backends else []
+    print(FUSED_HEADER)
+    for batch in batches:
+        ms = {}
+        for family, backend, fused in variants:
+            row = {"family": family, "size": size, "backend": backend, "fused_conv": fused, "batch": batch, "K": k}
+            FUSED["conv"] = fused
+            try:
+                measured = measure_step(family, size, backend, batch, k, **FUSED_TIMING)
+            except Exception as exc:  # e.g. a kernel the compiler refuses on this card
+                measured = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            finally:
+                FUSED["conv"] = None
+            if not isinstance(measured, tuple):
+                print(f"| {family} | {size} | {backend} | {fused} | {batch} | {k} | {measured or 'OOM'} | | | | |",
+                      flush=True)
+                rows.append({**row, "failed": measured or "OOM"})
+                continue
+            ms[(backend, fused)] = step_ms = 1000 * measured[0]
+            tokens = 3 * k * batch / measured[0]
+            mfu = flops[family]["per_token"] * tokens / 1e12 / peak
+            speedup = ms[("triton", False)] / step_ms if fused and ("triton", False) in ms else None
+            vs_dt = step_ms / ms[("-", None)] if family == "mambadm" and ("-", None) in ms else None
+            rows.append({**row, "step_ms": step_ms, "tokens_per_s": tokens, "mfu": mfu, "fused_speedup": speedup,
+                         "step_over_dt": vs_dt})
+            print(f"| {family} | {size} | {backend} | {fused} | {batch} | {k} | {step_ms:.1f} | {tokens:,.0f} | "
+                  f"{100 * mfu:.2f}% | {'' if speedup is None else f'{speedup:.2f}x'} | "
+                  f"{'' if vs_dt is None else f'{vs_dt:.2f}x'} |", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="*", default=["parity", "mixer", "train"])
@@ -337,6 +421,7 @@ def main() -> None:
     p.add_argument("--pair-batches", nargs="*", type=int, default=[64, 128, 256], help="pairs part")
     p.add_argument("--checkpoint-batch", type=int, default=256,
                    help="pairs part: batch of the checkpointed step of the last pair (0: none)")
+    p.add_argument("--fused-batches", nargs="*", type=int, default=[256], help="fused part")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script itself (tiny shapes)")
@@ -350,6 +435,9 @@ def main() -> None:
         args.batch, args.context, args.peak_tflops = 2, 6, args.peak_tflops or 1.0
         args.sizes, args.mfu_batches, args.compile_batches = ["xs"], [2], [2]
         args.pair_sizes, args.pair_batches, args.checkpoint_batch = ["xs"], [1], 1
+        args.fused_batches = [1]
+        FUSED_PARITY_SHAPES[:] = [(16, 11, None), (16, 11, 3)]
+        FUSED_TIMING.update(warmup=0, repeats=1)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and float32 timings in true float32
@@ -375,6 +463,9 @@ def main() -> None:
     if "pairs" in args.parts:
         out["pairs"] = pair_tables(args.pair_sizes, fast_backends[0], peak, args.context, args.pair_batches,
                                    args.checkpoint_batch)
+    if "fused" in args.parts:
+        out["fused_parity"] = fused_conv_parity()
+        out["fused_steps"] = fused_conv_steps(args.sizes[0], args.fused_batches, args.context, peak, backends)
     if "mfu" in args.parts:
         out["mfu"] = mfu_sweep(args.families, args.sizes, fast_backends, peak, args.context, args.mfu_batches,
                                args.compile_batches)

@@ -9,8 +9,8 @@
 # SHARDS_DIR: a small sharded vector dataset (e.g. collected Hopper) for real `accelerate launch` runs;
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
-# Issue 18 (GPU scale) runs first and fits ~8 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
-# train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1.
+# Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
+# bench_gpu_fused.json, train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1.
 # DRY_RUN=1: the same steps on this machine's CPU at tiny shapes (no GPU, the Triton interpreter, pytest only
 # collects), so that the script cannot rot (tests/test_gpu_session.py).
 # Writes env.txt, parity_pure.txt, dt.txt, train_fast.log, build.log, tests.txt, mambadm_profile.txt, mambadm.txt,
@@ -35,23 +35,29 @@ if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=; fi
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nvcc --version | tail -2; } \
     2>&1 | tee "$out/env.txt"
 
-# 0. Issue 18, GPU scale (~8 minutes on one H100; every step has its own time limit):
-#    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), presets,
+# 0. Issue 18, GPU scale (~9 minutes on one H100; every step has its own time limit):
+#    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), the fused triton
+#       conv + SiLU against the PyTorch conv and the mixer against ref (forward and gradients), presets,
 #       checkpointed blocks, large-model configs; one pytest per file.
 #    b. the triton scan's backward / forward time per kernel pair at L = 90 and 3072 (target <= 2).
-#    c. one table per preset pair (xxl, 100m, 300m, 1b): tokens/s, step ms, MFU against the card's data-sheet bf16
+#    c. the fused conv ($MAMBADM_TRITON_FUSED): its parity against ref through the mixer (with and without the local
+#       windows), then MambaDM's largest-preset training step on triton with it off and on, on cuda where mamba_ssm
+#       imports, and DT's at the same batch (scale_fused.txt, bench_gpu_fused.json).
+#    d. one table per preset pair (xxl, 100m, 300m, 1b): tokens/s, step ms, MFU against the card's data-sheet bf16
 #       peak (bench_gpu.py looks it up from the device name), peak memory and batch, DT and MambaDM side by side.
-#    d. a profile of the largest MambaDM step (top kernels by GPU time).
-#    e. a real `accelerate launch` of 300 steps of the 100m preset on SHARDS_DIR (one GPU, bf16).
+#    e. a profile of the largest MambaDM step (top kernels by GPU time), with the fused conv on when its compiled
+#       tests passed (scale_tests.txt says which).
+#    f. a real `accelerate launch` of 300 steps of the 100m preset on SHARDS_DIR (one GPU, bf16).
 #    If the chunked triton kernels fail their compiled test, the tables use the serial ones (scale_tests.txt says so).
 if [ "$dry" = 1 ]; then
     pyt="--collect-only -q"; dev="--device cpu"; pairs="--pair-sizes xs --pair-batches 1 --checkpoint-batch 1"
-    prof="--sizes xs --batch 1"; steps=2; size=xs
+    prof="--sizes xs --batch 1"; steps=2; size=xs; fused="--sizes xs"
 else
     pyt="-q -rs"; dev=""; pairs="--pair-sizes xxl 100m 300m 1b --pair-batches 64 128 256 --checkpoint-batch 256"
-    prof="--sizes 1b --batch 64"; steps=${SCALE_TRAIN_STEPS:-300}; size=100m
+    prof="--sizes 1b --batch 64"; steps=${SCALE_TRAIN_STEPS:-300}; size=100m; fused="--sizes xxl --fused-batches 256"
 fi
-for f in tests/test_ssm_triton.py tests/test_model_presets.py tests/test_grad_checkpoint.py tests/test_large_configs.py; do
+for f in tests/test_ssm_triton.py tests/test_triton_conv.py tests/test_model_presets.py tests/test_grad_checkpoint.py \
+         tests/test_large_configs.py; do
     timeout 150 python3 -m pytest $pyt -p no:cacheprovider "$f" >> "$out/scale_tests.txt" 2>&1
     echo "== $f exit $?" >> "$out/scale_tests.txt"
 done
@@ -62,10 +68,17 @@ if grep -q "FAILED tests/test_ssm_triton.py.*chunked" "$out/scale_tests.txt"; th
 fi
 timeout 90 python3 benchmarks/bench_triton_scan.py --no-sweep $dev > "$out/scale_triton_ratio.txt" 2>&1
 echo "exit $?" >> "$out/scale_triton_ratio.txt"
+timeout 120 python3 benchmarks/bench_gpu.py --parts fused $dev $fused --json "$out/bench_gpu_fused.json" \
+    > "$out/scale_fused.txt" 2>&1
+echo "exit $?" >> "$out/scale_fused.txt"
+fused_on=0  # the library default stays off until the fused conv passes here
+if grep -q "== tests/test_triton_conv.py exit 0" "$out/scale_tests.txt"; then fused_on=1; fi
+echo "profile with MAMBADM_TRITON_FUSED=$fused_on" >> "$out/scale_tests.txt"
 timeout 270 python3 benchmarks/bench_gpu.py --parts pairs $dev $pairs --json "$out/bench_gpu_pairs.json" \
     > "$out/scale_pairs.txt" 2>&1
 echo "exit $?" >> "$out/scale_pairs.txt"
-timeout 60 python3 benchmarks/bench_gpu.py --parts profile --families mambadm $dev $prof > "$out/scale_profile.txt" 2>&1
+MAMBADM_TRITON_FUSED=$fused_on timeout 60 python3 benchmarks/bench_gpu.py --parts profile --families mambadm $dev $prof \
+    > "$out/scale_profile.txt" 2>&1
 echo "exit $?" >> "$out/scale_profile.txt"
 if [ -n "$shards" ]; then
     run=/tmp/gpu-session-scale

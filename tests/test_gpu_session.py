@@ -1,5 +1,5 @@
 """benchmarks/gpu_session.sh cannot rot: its DRY_RUN=1 mode runs the issue-18 steps on this CPU at tiny shapes (the
-triton scan in its interpreter, pytest collecting only) and each writes its table."""
+triton scan and fused conv in Triton's interpreter, pytest collecting only) and each writes its table."""
 from __future__ import annotations
 
 import json
@@ -21,12 +21,21 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     tests = (out / "scale_tests.txt").read_text()
-    assert tests.count(" exit 0") == 4 and "test_outputs_and_gradients_match_ref" in tests, tests[-2000:]
+    assert tests.count(" exit 0") == 5 and "test_outputs_and_gradients_match_ref" in tests, tests[-2000:]
+    assert "test_outputs_and_gradients_match_the_pytorch_conv" in tests, tests[-2000:]
     ratio = (out / "scale_triton_ratio.txt").read_text()
     assert ratio.rstrip().endswith("exit 0"), ratio
     rows = [line.split("|") for line in ratio.splitlines() if line.startswith(("| chunked", "| serial"))]
     assert {r[1].strip() for r in rows} == {"chunked", "serial"} and len(rows) == 4, ratio
     assert all(float(r[9]) < 1e-4 for r in rows), ratio  # the gradients against ref, per kernel
+    fused = (out / "scale_fused.txt").read_text()
+    assert fused.rstrip().endswith("exit 0") and "failed" not in fused, fused[-2000:]
+    parity = [line.split("|") for line in fused.splitlines() if line.startswith("| triton, fused conv")]
+    assert len(parity) == 2 and all(float(r[5]) < 1e-5 and float(r[6]) < 1e-5 for r in parity), fused
+    steps = json.loads((out / "bench_gpu_fused.json").read_text())["fused_steps"]
+    assert [(r["family"], r["backend"], r["fused_conv"]) for r in steps] == \
+        [("dt", "-", None), ("mambadm", "triton", False), ("mambadm", "triton", True)]
+    assert all(r["step_ms"] > 0 for r in steps) and steps[2]["fused_speedup"] > 0, steps
     pairs = (out / "scale_pairs.txt").read_text()
     assert "### pair xs" in pairs and pairs.rstrip().endswith("exit 0"), pairs
     measured = json.loads((out / "bench_gpu_pairs.json").read_text())["pairs"]
