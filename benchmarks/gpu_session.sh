@@ -77,8 +77,8 @@ echo "profile with MAMBADM_TRITON_FUSED=$fused_on" >> "$out/scale_tests.txt"
 timeout 270 python3 benchmarks/bench_gpu.py --parts pairs $dev $pairs --json "$out/bench_gpu_pairs.json" \
     > "$out/scale_pairs.txt" 2>&1
 echo "exit $?" >> "$out/scale_pairs.txt"
-MAMBADM_TRITON_FUSED=$fused_on timeout 60 python3 benchmarks/bench_gpu.py --parts profile --families mambadm $dev $prof \
-    > "$out/scale_profile.txt" 2>&1
+MAMBADM_TRITON_FUSED=$fused_on timeout 60 python3 benchmarks/bench_gpu.py --parts profile --families mambadm \
+    $dev $prof > "$out/scale_profile.txt" 2>&1
 echo "exit $?" >> "$out/scale_profile.txt"
 if [ -n "$shards" ]; then
     run=/tmp/gpu-session-scale

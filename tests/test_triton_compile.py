@@ -1,0 +1,70 @@
+"""Every Triton kernel of the project compiles for a Hopper GPU (sm_90: H100, H200) on a machine without one: Triton
+lowers each to PTX and runs the ptxas its wheel ships, with the constants and the launch shape the launchers use and
+the mixer's flags (D, z, dt bias, softplus), float32 and bfloat16 activations. The interpreter tests check what the
+kernels compute; this one checks that a GPU's compiler accepts them (e.g. the chunked scan's tl.associative_scan,
+which the interpreter does not run by default) before a device session spends its minutes on them.
+
+The kernels must be the compiled kind (TRITON_INTERPRET unset when triton is imported), so the test runs this file
+as a script in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
+ACTIVATION_PTRS = {"u_ptr", "dl_ptr", "z_ptr", "b_ptr", "c_ptr", "out_ptr", "g_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
+
+
+def kernels() -> list[tuple[str, object, dict, int]]:
+    """(name, kernel, constexprs, warps) as the launchers launch them at the mixer's shapes (d_inner 1024)."""
+    from mambadm.kernels import triton_conv, triton_scan
+    from mambadm.ssm import conv_triton, scan_triton
+
+    conv = dict(HAS_BIAS=True, K=4, BT=conv_triton.BLOCK_TOKENS, BD=conv_triton.BLOCK_CHANNELS)
+    found = [("conv fwd", triton_conv.conv_silu_fwd, conv, 4), ("conv bwd", triton_conv.conv_silu_bwd, conv, 4)]
+    mixer = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, NP=16)
+    for pair, fwd, bwd in (("serial", triton_scan.scan_fwd, triton_scan.scan_bwd),
+                           ("chunked", triton_scan.scan_fwd_chunked, triton_scan.scan_bwd_chunked)):
+        shape = dict(BD=scan_triton._block(1024, pair), CHUNK=scan_triton._chunk(pair))
+        for sequential in ((False, True) if pair == "chunked" else (None,)):
+            flags = {} if sequential is None else {"SEQUENTIAL": sequential}
+            tag = pair if sequential is None else f"{pair}, {'sequential' if sequential else 'associative'}"
+            found.append((f"scan fwd ({tag})", fwd, {**mixer, **shape, **flags, "SAVE_CKPT": True, "SAVE_LAST": False},
+                          scan_triton._warps()))
+            found.append((f"scan bwd ({tag})", bwd, {**mixer, **shape, **flags, "HAS_GLAST": False},
+                          scan_triton._warps()))
+    return found
+
+
+def compile_all() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for activations in ("fp32", "bf16"):
+        for name, kernel, constexprs, warps in kernels():
+            signature = {p.name: "constexpr" if p.is_constexpr else
+                         (f"*{activations}" if p.name in ACTIVATION_PTRS else "*fp32") if p.name.endswith("_ptr")
+                         else "i32" for p in kernel.params}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget(*TARGET), options={"num_warps": warps})
+            assert compiled.asm["cubin"], name
+            print(f"compiled {name} {activations}", flush=True)
+
+
+def test_every_triton_kernel_compiles_for_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("compiled ") == 2 * len(kernels()), done.stdout
+
+
+if __name__ == "__main__":
+    compile_all()
