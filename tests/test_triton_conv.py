@@ -22,23 +22,24 @@ def reference(u, weight, bias, segment):
     return F.silu(causal_depthwise_conv(u, weight, bias, segment))
 
 
-def conv_params(channels: int, bias: bool, seed: int):
-    conv = torch.nn.Conv1d(channels, channels, kernel_size=4, groups=channels, padding=3, bias=bias)
+def conv_params(channels: int, bias: bool, seed: int, taps: int = 4):
     torch.manual_seed(seed)
+    conv = torch.nn.Conv1d(channels, channels, kernel_size=taps, groups=channels, padding=taps - 1, bias=bias)
     return conv.weight.detach().to(DEVICE).requires_grad_(), conv.bias.detach().to(DEVICE).requires_grad_() if bias \
         else None
 
 
-@pytest.mark.parametrize("batch, length, channels, segment, bias", [
-    (2, 90, 24, None, True),  # a K = 30 context, the global branch: three token blocks, the last partial
-    (2, 90, 24, 15, True),  # the local branch of w = 5: restarts inside token blocks
-    (3, 37, 70, 6, False),  # odd length, two channel blocks (64 + 6), no bias
-    (2, 200, 16, 32, True),  # a longer row, every restart on a token-block edge
-    (2, 3, 8, None, True),  # fewer steps than taps
-    (1, 11, 8, 1, True),  # every token its own window: only the current tap
+@pytest.mark.parametrize("batch, length, channels, segment, bias, taps", [
+    (2, 90, 24, None, True, 4),  # a K = 30 context, the global branch: three token blocks, the last partial
+    (2, 90, 24, 15, True, 4),  # the local branch of w = 5: restarts inside token blocks
+    (3, 37, 70, 6, False, 4),  # odd length, two channel blocks (64 + 6), no bias
+    (2, 200, 16, 32, True, 4),  # a longer row, every restart on a token-block edge
+    (2, 3, 8, None, True, 4),  # fewer steps than taps
+    (1, 11, 8, 1, True, 4),  # every token its own window: only the current tap
+    (2, 19, 8, 5, True, 3),  # model.d_conv 3
 ])
-def test_outputs_and_gradients_match_the_pytorch_conv(batch, length, channels, segment, bias):
-    weight, b = conv_params(channels, bias, seed=length)
+def test_outputs_and_gradients_match_the_pytorch_conv(batch, length, channels, segment, bias, taps):
+    weight, b = conv_params(channels, bias, seed=length, taps=taps)
     u = torch.randn(batch, length, channels, device=DEVICE, requires_grad=True)
     out, ref = causal_conv_silu_triton(u, weight, b, segment), reference(u, weight, b, segment)
     assert out.dtype == torch.float32 and rel(out, ref) < 1e-6
