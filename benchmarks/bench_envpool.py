@@ -15,7 +15,12 @@ per frame of ale-py's ALE and of the ALE build inside EnvPool (40 frames per ste
 ``ALE alone / gymnasium alone`` is the most any backend can gain over the reference on this machine; each
 random-action Breakout row reports its gain as a fraction of it.
 
-    python benchmarks/bench_envpool.py [--seconds 4] [--repeat 2]
+The MuJoCo split, in-process (one core, Hopper, random actions, 1/4/16 envs; microseconds per env step): the
+gymnasium reference env's ``step``; EnvPool's C++ calls alone (``_send`` + ``_recv``: the step, the hand-off to its
+worker thread and back, pybind); EnvPool's gymnasium ``step`` (its Python wrapper on top); the batch's ``step``
+(``EnvPoolBatch``, what ``run_group`` calls); and the hand-off alone (CartPole, 1 env: its C++ step is ~1 us).
+
+    python benchmarks/bench_envpool.py [--seconds 4] [--repeat 2] [--envs Hopper]
 """
 from __future__ import annotations
 
@@ -133,39 +138,121 @@ def envpool_alone(seconds: float, n_envs: int, frame_skip: int = 4) -> tuple[flo
     return rate, made
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=4.0, help="measuring time per case")
-    p.add_argument("--repeat", type=int, default=2, help="runs of every case (side by side: both backends each time)")
-    args = p.parse_args()
+def per_env_step_us(step, envs_per_call: int, seconds: float) -> float:
+    """Microseconds per env step of ``step()`` (which steps ``envs_per_call`` envs), called for ``seconds``."""
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        calls += 1
+    return (time.perf_counter() - t0) / calls / envs_per_call * 1e6
+
+
+def mujoco_split(seconds: float, n_envs: int) -> dict[str, float]:
+    """The MuJoCo split (module doc) for ``n_envs`` envs: microseconds per env step of each layer."""
     import envpool
 
-    print(f"torch {torch.__version__}, ray {ray.__version__}, envpool {envpool.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    ale = float(np.mean([emulator_bound(args.seconds) for _ in range(args.repeat)]))
-    reference = float(np.mean([reference_alone(args.seconds) for _ in range(args.repeat)]))
+    from evaluation.envs import make_env
+
+    cfg = OmegaConf.structured(EvalConfig)
+    rng = np.random.default_rng(0)
+    env = make_env(ENVS["Hopper"], cfg)
+    env.reset(seed=0)
+
+    def reference_step():
+        if any(env.step(rng.uniform(-1, 1, 3))[2:4]):
+            env.reset(seed=int(rng.integers(2**31)))
+
+    def pool(task_id: str, n: int):
+        made = envpool.make(task_id, env_type="gymnasium", num_envs=n, batch_size=n, num_threads=1,
+                            env_seed=list(range(n)))
+        made.reset()
+        return made
+
+    ids, raw, wrapped = np.arange(n_envs, dtype=np.int32), pool("Hopper-v5", n_envs), pool("Hopper-v5", n_envs)
+    cart, one, cart_action = pool("CartPole-v1", 1), np.zeros(1, np.int32), np.zeros(1, np.int32)
+    batch = make_batch(ENVS["Hopper"], OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, n_envs)
+    batch.reset(list(range(n_envs)))
+    active = np.ones(n_envs, bool)
+
+    def raw_step():  # EnvPool reads the actions until _recv returns: they stay referenced here until then
+        actions = rng.uniform(-1, 1, (n_envs, 3))
+        raw._send([ids, ids, actions])
+        raw._recv()
+
+    def hand_off():
+        cart._send([one, one, cart_action])
+        cart._recv()
+
+    def batch_step():
+        _, _, terminated, truncated = batch.step(rng.uniform(-1, 1, (n_envs, 3)), active)
+        if (terminated | truncated).any():
+            batch.reset(list(range(n_envs)))
+
+    out = {"gymnasium reference env `step`": per_env_step_us(reference_step, 1, seconds),
+           "EnvPool C++ calls alone (`_send` + `_recv`)": per_env_step_us(raw_step, n_envs, seconds),
+           "EnvPool's gymnasium `step`": per_env_step_us(
+               lambda: wrapped.step(rng.uniform(-1, 1, (n_envs, 3)), env_id=ids), n_envs, seconds),
+           "`EnvPoolBatch.step`": per_env_step_us(batch_step, n_envs, seconds),
+           "hand-off alone (CartPole, 1 env), per call": per_env_step_us(hand_off, 1, seconds)}
+    for made in (raw, wrapped, cart):
+        made.close()
+    batch.close()
+    return out
+
+
+def print_mujoco_split(seconds: float, repeat: int) -> None:
+    print(f"\nMuJoCo split, in-process, one core, Hopper, random actions: us per env step (mean of {repeat})")
+    print("\n| layer | " + " | ".join(f"{n} envs" for n in ENVS_PER_ACTOR) + " |")
+    print("|---|" + "---|" * len(ENVS_PER_ACTOR))
+    runs = {n: [mujoco_split(seconds, n) for _ in range(repeat)] for n in ENVS_PER_ACTOR}
+    for layer in runs[ENVS_PER_ACTOR[0]][0]:
+        print(f"| {layer} | " + " | ".join(f"{np.mean([r[layer] for r in runs[n]]):.1f}" for n in ENVS_PER_ACTOR)
+              + " |", flush=True)
+
+
+def print_atari_bounds(seconds: float, repeat: int) -> float:
+    """The Breakout bounds (module doc); returns ALE alone / the reference."""
+    ale = float(np.mean([emulator_bound(seconds) for _ in range(repeat)]))
+    reference = float(np.mean([reference_alone(seconds) for _ in range(repeat)]))
     bound = ale / reference
-    print(f"\nIn-process, one core, Breakout, random actions (mean of {args.repeat}):")
+    print(f"\nIn-process, one core, Breakout, random actions (mean of {repeat}):")
     print(f"- ALE alone (4 frames per step): {ale:.0f} steps/s; gymnasium reference env alone: {reference:.0f}; "
           f"bound ALE / reference = {bound:.2f}x")
     # Emulation per frame, at 40 frames per agent step (the preprocessing of one step shared by 40 frames): ale-py's
     # ALE against the ALE build inside EnvPool, and what 4 frames of each leave to the rest of a step.
-    ale_frame = float(np.mean([1e6 / emulator_bound(args.seconds, 40) / 40 for _ in range(args.repeat)]))
-    pool_frame = float(np.mean([1e6 / envpool_alone(args.seconds, 1, 40)[0] / 40 for _ in range(args.repeat)]))
+    ale_frame = float(np.mean([1e6 / emulator_bound(seconds, 40) / 40 for _ in range(repeat)]))
+    pool_frame = float(np.mean([1e6 / envpool_alone(seconds, 1, 40)[0] / 40 for _ in range(repeat)]))
     print(f"- emulation per frame (40 frames per step): ale-py {ale_frame:.1f} us, EnvPool's ALE {pool_frame:.1f} us "
           f"({pool_frame / ale_frame:.2f}x); 4 frames of EnvPool's emulation alone would run "
           f"{1e6 / 4 / pool_frame:.0f} "
           f"steps/s ({1e6 / 4 / pool_frame / reference:.2f}x the reference)")
     for n_envs in ENVS_PER_ACTOR:
-        rate, made = envpool_alone(args.seconds, n_envs)
+        rate, made = envpool_alone(seconds, n_envs)
         print(f"- EnvPool stepping alone, {n_envs} envs: {rate:.0f} steps/s ({rate / reference:.2f}x the reference, "
               f"{rate / ale:.2f} of ALE alone); making the pool: {made:.2f} s", flush=True)
+    return bound
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=4.0, help="measuring time per case")
+    p.add_argument("--repeat", type=int, default=2, help="runs of every case (side by side: both backends each time)")
+    p.add_argument("--envs", nargs="+", choices=list(ENVS), default=list(ENVS),
+                   help="envs to measure (the Breakout bounds run with Breakout, the MuJoCo split with Hopper)")
+    args = p.parse_args()
+    import envpool
+
+    print(f"torch {torch.__version__}, ray {ray.__version__}, envpool {envpool.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    bound = print_atari_bounds(args.seconds, args.repeat) if "Breakout" in args.envs else None
+    if "Hopper" in args.envs:
+        print_mujoco_split(args.seconds, args.repeat)
     start_ray(num_cpus=2)
     print("\n| env | policy | actors | envs per actor | gymnasium steps/s per core | EnvPool steps/s per core | "
           "EnvPool / gymnasium | of the ALE bound | policy share (gymnasium) | gain the share allows | reached |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     random_gain: dict[tuple, list[float]] = {}
-    for name in ENVS:
+    for name in args.envs:
         for family in ("random", "mambadm"):
             for actors in (1, 2):
                 for n_envs in ENVS_PER_ACTOR:

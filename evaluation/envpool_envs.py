@@ -25,7 +25,8 @@ evaluation/batch.py). Where EnvPool differs from the gymnasium reference (docs/e
   ``episodic_life=False``, whose reset would continue the same game in a reused env).
 - EnvPool's frame stack repeats the first frame; ``frame_padding="zero"`` zeroes the stack's slots before the first
   frame here, as the reference does.
-- Only the slots whose episode is still running are stepped (EnvPool's ``env_id``), as in the reference.
+- Only the slots whose episode is still running are stepped (EnvPool's ``env_id``), as in the reference; the
+  batch calls the pool's C++ send / recv directly (``PoolCalls``), without EnvPool's per-call Python wrapper.
 """
 from __future__ import annotations
 
@@ -97,6 +98,49 @@ def construction_seeds(seeds: Sequence[int], n_envs: int) -> list[int]:
     return [s % INT32_SEEDS for s in out]
 
 
+def in_slots(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """``values`` of the slots ``ids`` (sorted, as sent) in an array of ``n`` slots, zeros elsewhere; all ``n``
+    slots: ``values`` itself."""
+    if len(ids) == n:
+        return values
+    out = np.zeros((n, *values.shape[1:]), values.dtype)
+    out[ids] = values
+    return out
+
+
+class PoolCalls:
+    """A pool's own C++ calls, without EnvPool's gymnasium wrapper (which converts the action per call, rebuilds
+    its config dict and an info tree from every state field): ``step`` and ``reset`` return the state fields this
+    batch reads, by EnvPool's names. The pool is synchronous (``batch_size = num_envs``), so each field lists the
+    envs in the order their ids were sent; every receive hands out fresh arrays (EnvPool swaps in a new state buffer
+    per call), which the batch may modify."""
+
+    ACTION_KEYS = ["env_id", "players.env_id", "action"]
+    STATE_KEYS = ("obs", "reward", "done", "trunc", "info:lives")
+
+    def __init__(self, pool: Any):
+        if list(pool._action_keys) != self.ACTION_KEYS:
+            raise RuntimeError(f"EnvPool's action fields are {pool._action_keys}, expected {self.ACTION_KEYS}: "
+                               f"this EnvPool version is not supported by eval.env_backend=envpool")
+        self.pool = pool
+        self.action_dtype = np.dtype(pool._spec._action_spec[-1][0])
+        self.fields = {key: i for i, key in enumerate(pool._state_keys) if key in self.STATE_KEYS}
+
+    def step(self, actions: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Steps the envs ``ids`` (int32) with ``actions`` (one row per id)."""
+        action = np.ascontiguousarray(actions, self.action_dtype)  # EnvPool reads it until _recv returns
+        self.pool._send([ids, ids, action])
+        return self.receive()
+
+    def reset(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        self.pool._reset(ids)
+        return self.receive()
+
+    def receive(self) -> dict[str, np.ndarray]:
+        state = self.pool._recv()
+        return {key: state[i] for key, i in self.fields.items()}
+
+
 class EnvPoolBatch:
     """``n_envs`` envs in one EnvPool (one C++ thread: a rollout actor holds one CPU), made once, on the first
     ``reset``, and reset per episode after that (``pools_made`` counts the pools made). Observations follow the
@@ -125,16 +169,18 @@ class EnvPoolBatch:
         if self.mean is not None and (self.mean.shape != shape or self.scale.shape != shape):
             raise ValueError(f"state normalisation: mean {self.mean.shape} / std {self.scale.shape} do not match the "
                              f"env's observation shape {shape}")
-        self.pool = None
+        self.pool = self.calls = None
         self.pools_made = 0
         self.env_seeds: list[int] = []  # the pool's env_seed, once made
-        self.t = np.zeros(self.n, np.int64)  # agent steps since each slot's reset (the zero padding)
+        self.slot_ids = np.arange(self.n, dtype=np.int32)
+        self.t = np.zeros(self.n, np.int64)  # agent steps since each slot's reset (counted for the zero padding)
         self.lives = np.zeros(self.n, np.int64)
 
     def _make_pool(self, seeds: Sequence[int]) -> None:
         self.env_seeds = construction_seeds(seeds, self.n)
         self.pool = self.envpool.make(self.task_id, env_type="gymnasium", num_envs=self.n, batch_size=self.n,
                                       num_threads=self.threads, env_seed=self.env_seeds, **self.kwargs)
+        self.calls = PoolCalls(self.pool)
         self.pools_made += 1
 
     def __len__(self) -> int:
@@ -148,34 +194,32 @@ class EnvPoolBatch:
             raise ValueError(f"{k} episodes for {self.n} envs")
         if self.pool is None:
             self._make_pool(seeds)
-        ids = np.arange(k, dtype=np.int32)
-        obs, info = self.pool.reset(env_id=ids)
-        order = np.asarray(info["env_id"])
-        out = np.zeros((k, *self.observation_space.shape), self.observation_space.dtype)
-        out[order] = obs
+        state = self.calls.reset(self.slot_ids[:k])
         self.t[:k] = 0
         if self.atari:
-            self.lives[order] = info["lives"]
-        return self.observation(out, self.t[:k])
+            self.lives[:k] = state["info:lives"]
+        return self.observation(state["obs"], self.t[:k])
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, ...]:
         """Steps the ``active`` slots only; returns (observations, rewards, terminated, truncated) for every slot of
         the group (the entries of inactive slots are zeros, to be ignored)."""
         n = len(active)
-        ids = np.flatnonzero(active).astype(np.int32)
-        obs = np.zeros((n, *self.observation_space.shape), self.observation_space.dtype)
-        rewards, terminated, truncated = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+        ids = self.slot_ids[:n] if active.all() else np.flatnonzero(active).astype(np.int32)
         if len(ids) == 0:
-            return self.observation(obs, self.t[:n]), rewards, terminated, truncated
-        o, r, term, trunc, info = self.pool.step(np.asarray(actions)[ids], env_id=ids)
-        order = np.asarray(info["env_id"])
-        obs[order], rewards[order], terminated[order], truncated[order] = o, r, term, trunc
+            obs = np.zeros((n, *self.observation_space.shape), self.observation_space.dtype)
+            return self.observation(obs, self.t[:n]), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+        state = self.calls.step(actions if len(ids) == n else np.asarray(actions)[ids], ids)
+        truncated = state["trunc"]
+        terminated = state["done"] & ~truncated
         if self.life_loss_ends:  # gymnasium's AtariPreprocessing: a life lost ends the episode
-            lives = np.asarray(info["lives"])
-            terminated[order] |= lives < self.lives[order]
-            self.lives[order] = lives
-        self.t[order] += 1
-        return self.observation(obs, self.t[:n]), rewards, terminated, truncated
+            lives = state["info:lives"]
+            terminated |= lives < self.lives[ids]
+            self.lives[ids] = lives
+        if self.zero_padding:
+            self.t[ids] += 1
+        obs = in_slots(state["obs"], ids, n)
+        return (self.observation(obs, self.t[:n]), in_slots(state["reward"].astype(np.float64), ids, n),
+                in_slots(terminated, ids, n), in_slots(truncated, ids, n))
 
     def observation(self, obs: np.ndarray, t: np.ndarray) -> np.ndarray:
         """``obs`` (owned here) in the reference's form; ``t``: each slot's agent steps since its reset."""
@@ -193,4 +237,4 @@ class EnvPoolBatch:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-            self.pool = None
+            self.pool = self.calls = None

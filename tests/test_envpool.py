@@ -103,6 +103,40 @@ def test_a_reused_pool_gives_the_same_results_for_the_same_seeds_and_schedule():
     assert run([4, 8])[1] != first[2]  # group 8 on a pool made at group 4: other env histories
 
 
+def test_the_batch_steps_as_envpools_own_gymnasium_api_does():
+    """The batch calls EnvPool's C++ send / recv directly (without its Python wrapper): on a pool made with the same
+    seeds, the same float32 actions, stepping ever fewer running slots, give exactly what EnvPool's gymnasium
+    ``step(action, env_id)`` gives, slot for slot (observations, rewards, terminated, truncated), through the
+    episodes' ends (Hopper, normalised states)."""
+    import envpool
+
+    info = {"state_mean": np.linspace(-0.5, 0.5, 11).tolist(), "state_std": np.linspace(0.5, 2, 11).tolist()}
+    cfg = config(env_backend="envpool", max_episode_steps=40)
+    batch = make_batch(HOPPER, cfg, info, 4)
+    seeds = [11, 12, 13, 14]
+    obs = batch.reset(seeds)
+    own = envpool.make("Hopper-v5", env_type="gymnasium", num_envs=4, batch_size=4, num_threads=1,
+                       env_seed=batch.env_seeds, max_episode_steps=40)
+    mean, scale = np.array(info["state_mean"]), np.array(info["state_std"]) + cfg.state_std_eps
+    own_obs = own.reset()[0]
+    np.testing.assert_array_equal(obs, ((own_obs - mean) / scale).astype(np.float32))
+    rng, active, ends = np.random.default_rng(0), np.ones(4, bool), 0
+    while active.any():
+        actions = rng.uniform(-1, 1, (4, 3)).astype(np.float32)
+        ids = np.flatnonzero(active).astype(np.int32)
+        got = batch.step(actions, active)
+        o, r, term, trunc, out = own.step(actions[ids].astype(np.float64), env_id=ids)
+        np.testing.assert_array_equal(out["env_id"], ids)
+        expected = (((o - mean) / scale).astype(np.float32), r, term, trunc)
+        for got_field, expected_field in zip(got, expected):
+            np.testing.assert_array_equal(got_field[ids], expected_field)
+        assert got[1].dtype == np.float64 and got[0].dtype == np.float32
+        ended = got[2] | got[3]
+        ends += int((active & ended).sum())
+        active &= ~ended
+    assert ends == 4 and batch.pools_made == 1
+
+
 def returns(eval_env, cfg, episodes, n_envs, policy_of=RandomPolicy, seed=0):
     batch = make_batch(eval_env, cfg, None, n_envs)
     tasks = make_tasks([90.0], episodes, seed)
