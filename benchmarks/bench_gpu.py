@@ -46,6 +46,7 @@ from mambadm.model import build_model  # noqa: E402
 from mambadm.model.embeddings import TokenEmbedding  # noqa: E402
 from mambadm.optim import make_optimizer  # noqa: E402
 from mambadm.ssm import Mamba, available_backends  # noqa: E402
+from mambadm.ssm import scan_triton  # noqa: E402
 from mambadm.ssm.conv_triton import FUSED  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
@@ -335,7 +336,7 @@ def profile_step(family: str, size: str, backend: str, batch: int, k: int) -> No
 
 FUSED_PARITY_SHAPES = [(64, 37, None), (128, 90, None), (128, 90, 15), (96, 301, 15)]  # d_model, L, segment
 FUSED_TIMING = {"warmup": 2, "repeats": 5}  # steps per row of the fused part
-FUSED_HEADER = ("\n| family | size | backend | fused conv | batch | K | step ms | tokens/s | MFU | fused / unfused "
+FUSED_HEADER = ("| family | size | backend | fused conv | batch | K | step ms | tokens/s | MFU | fused / unfused "
                 "| step / DT's |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -375,6 +376,7 @@ def fused_conv_steps(size: str, batches: list[int], k: int, peak: float, backend
     flops = {family: build_flops(family, size, k) for family in ("dt", "mambadm")}
     variants = [("dt", "-", None), ("mambadm", "triton", False), ("mambadm", "triton", True)]
     variants += [("mambadm", "cuda", None)] if "cuda" in backends else []
+    print(f"\n(size {size}, K = {k}, bf16 autocast, eager; the triton scan pair: {scan_triton._kernel()})")
     print(FUSED_HEADER)
     for batch in batches:
         ms = {}

@@ -12,7 +12,8 @@
 # Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
 # bench_gpu_fused.json, train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1.
 # DRY_RUN=1: the same steps on this machine's CPU at tiny shapes (no GPU, the Triton interpreter, pytest only
-# collects), so that the script cannot rot (tests/test_gpu_session.py).
+# collects, the `fast` backend where a GPU run has a fused one), so that the script cannot rot
+# (tests/test_gpu_session.py).
 # Writes env.txt, parity_pure.txt, dt.txt, train_fast.log, build.log, tests.txt, mambadm_profile.txt, mambadm.txt,
 # mambadm_torch_conv.txt, triton_launch.txt, mixer.txt, bench_gpu_*.json, train_cuda.log, and kernels.tar (the
 # built extensions: unpacked into KERNEL_SRC_DIR on a machine with the same image, they are reused, not rebuilt).
@@ -30,7 +31,9 @@ if [ -n "$whl" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 dry=${DRY_RUN:-0}
-if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=; fi
+# (a dry run never builds the C++ CPU kernels: a step killed by its time limit mid-build would leave torch's build
+# lock behind, and every later load of them would wait for it)
+if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= MAMBADM_NO_CPP_KERNELS=1; fi
 { if [ "$dry" = 1 ]; then echo "DRY_RUN: cpu"; else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi; nproc;
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nvcc --version | tail -2; } \
     2>&1 | tee "$out/env.txt"
