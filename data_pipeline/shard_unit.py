@@ -115,8 +115,9 @@ class TarStream:
 
 class FrameBuffer:
     """One growing uint8 buffer that every episode's frames are read into (``empty`` is the reader's allocator):
-    the reader decompresses into pages already mapped, not into a new array per episode. The sharder may: it
-    compresses each episode before it asks for the next, which overwrites the frames."""
+    the reader decompresses into pages already mapped, not into a new array per episode. Each episode's frames are
+    overwritten by the next one's, so only a consumer done with an episode before it asks for the next may use it:
+    the sharder, which compresses the episode first."""
 
     def __init__(self):
         self.memory = np.empty(0, np.uint8)
