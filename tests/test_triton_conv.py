@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mambadm.config import EnvSpec, ModelConfig
+from mambadm.model import build_model
 from mambadm.ssm import Mamba
 from mambadm.ssm.conv import causal_depthwise_conv
 from mambadm.ssm.conv_triton import FUSED, causal_conv_silu_triton, fused_conv_enabled
@@ -100,6 +102,28 @@ def test_mixer_on_triton_with_the_fused_conv_matches_ref(monkeypatch, segment):
     assert rel(y, y_ref) < 1e-5 and rel(gx, gx_ref) < 1e-4
     for name in g_ref:
         assert rel(g[name], g_ref[name]) < 1e-4, name
+
+
+def test_mambadm_with_the_fused_conv_matches_ref(monkeypatch):
+    """A whole MambaDM (two GLoMa blocks; K = 11 steps: rows of 33 tokens, local windows of 3w = 9, the last partial)
+    on `triton` with the fused conv against the same weights on `ref`: loss and every parameter gradient."""
+    monkeypatch.setenv("MAMBADM_TRITON_FUSED", "1")
+    spec = EnvSpec("vector", [5], 4, True, 100)
+    torch.manual_seed(0)
+    models = [build_model(ModelConfig(family="mambadm", n_layer=2, d_model=16, d_state=8, local_window=3,
+                                      dropout=0.0, backend=backend), spec).to(DEVICE) for backend in ("ref", "triton")]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = {"rtg": torch.randn(2, 11), "states": torch.randn(2, 11, 5), "actions": torch.randint(0, 4, (2, 11)),
+             "timesteps": torch.arange(11).repeat(2, 1), "mask": torch.ones(2, 11, dtype=torch.bool)}
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    losses = []
+    for model in models:
+        loss, _ = model.loss(batch)
+        loss.backward()
+        losses.append(loss.detach())
+    assert rel(losses[1], losses[0]) < 1e-5
+    for (name, p_ref), p in zip(models[0].named_parameters(), models[1].parameters()):
+        assert rel(p.grad, p_ref.grad) < 1e-4, name
 
 
 def test_the_switch_selects_the_kernel(monkeypatch):
