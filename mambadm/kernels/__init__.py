@@ -5,4 +5,5 @@
     csrc/gloma_step.cpp                    MambaDM's whole-stack recurrent acting step (`GLoMaStack`)
     build.py                               compiles and loads the CPU extension (compiler, ISA, OpenMP, ninja)
     triton_scan.py                         the Triton selective-scan kernels (launched by mambadm/ssm/scan_triton.py)
+    triton_conv.py                         the Triton conv + bias + SiLU kernels (launched by mambadm/ssm/conv_triton.py)
 """
