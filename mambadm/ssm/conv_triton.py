@@ -5,8 +5,9 @@ windows restart, then SiLU, each a pass over the sequence and more again in its 
 bfloat16 inputs under autocast, cast back by the next matmul) becomes one pass forward and one backward. It reads u
 in the batch-first layout in_proj produces, restarts at every window start of the GLoMa local branch in place
 (t % segment in registers: no folding, no padding, no mask tensors), computes in float32 and returns u's dtype, as
-the `cpp` backend's conv does. The backward recomputes the preactivations (K loads per token) instead of saving
-them; the weight and bias gradients are summed per program, then over programs: no atomics, deterministic.
+the `cpp` backend's conv does. The backward recomputes the preactivations of the K tokens each input feeds (from
+cached loads of u) instead of saving them; the weight and bias gradients are summed per program, then over
+programs: no atomics, deterministic.
 
 Off by default until a GPU session has tested and timed it (benchmarks/gpu_session.sh): $MAMBADM_TRITON_FUSED=1
 (or FUSED["conv"] = True) selects it; the PyTorch conv (`causal_depthwise_conv`) stays the reference it is tested
