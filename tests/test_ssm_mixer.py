@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -298,8 +299,9 @@ def test_every_cpu_backend_through_the_mixer_equals_the_reference_scan(backend, 
         m(x, segment=0)
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
-    """A build killed mid-way leaves torch's lock file, which would make every later process wait forever."""
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_waited_for(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock file, which would make every later process wait forever: a stale
+    lock is removed at once, a fresh one (a build running now) is waited for until its builder removes it."""
     from torch.utils import cpp_extension
 
     from mambadm.kernels import build
@@ -308,12 +310,31 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     lock = Path(cpp_extension._get_build_directory("mambadm_cpu_test", verbose=False)) / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
-    build._clear_stale_lock("mambadm_cpu_test")
-    assert lock.exists()  # a build may be running right now
+    builder = threading.Timer(0.4, lock.unlink)  # another process finishing its build
+    builder.start()
+    started = time.perf_counter()
+    build._wait_for_build_lock("mambadm_cpu_test", poll_s=0.05)
+    builder.join()
+    assert time.perf_counter() - started >= 0.35 and not lock.exists()
+    lock.touch()
     old = time.time() - build.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
-    build._clear_stale_lock("mambadm_cpu_test")
-    assert not lock.exists()
+    started = time.perf_counter()
+    build._wait_for_build_lock("mambadm_cpu_test", poll_s=0.05)
+    assert not lock.exists() and time.perf_counter() - started < 0.3
+
+
+def test_build_name_follows_the_sources_and_flags(tmp_path):
+    """Two source trees or flag sets never share a build directory (they would rebuild over each other in turn)."""
+    from mambadm.kernels import build
+
+    source = tmp_path / "k.cpp"
+    source.write_text("int f() { return 1; }")
+    first = build.build_name("avx2", ["-O3"], (source,))
+    assert first.startswith("mambadm_cpu_avx2_") and first == build.build_name("avx2", ["-O3"], (source,))
+    assert build.build_name("avx2", ["-O2"], (source,)) != first
+    source.write_text("int f() { return 2; }")
+    assert build.build_name("avx2", ["-O3"], (source,)) != first
 
 
 @pytest.mark.skipif(cpp_missing() is not None, reason="no C++ compiler for the CPU kernels")

@@ -6,8 +6,10 @@ The sources are compiled once per machine with `torch.utils.cpp_extension.load` 
 needed; the build lands in torch's extension cache, ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR, and later
 processes only load it; MAMBADM_NO_CPP_KERNELS=1 turns them off). Flags: -O3 and fast-math for the compile step
 only (it lets the compiler vectorise the per-channel `exp` / `log1p` calls; the linked library does not change the
-process's floating-point mode), plus the vector ISA torch detects on this CPU. The ISA is part of the extension's
-name, so machines sharing one cache never load a build made for another CPU. On Linux also -fopenmp:
+process's floating-point mode), plus the vector ISA torch detects on this CPU. The ISA and a digest of the sources
+and flags are part of the extension's name (`build_name`), so machines sharing one cache never load a build made for
+another CPU, and two source trees (another checkout, an older commit a benchmark runs beside this one) never
+rebuild over each other's build directory in turn. On Linux also -fopenmp:
 `at::parallel_for` is a header template compiled into the extension, and without OpenMP it runs every row on the
 calling thread (the kernels ignored `torch.set_num_threads`). Where torch ships its libgomp under the system's
 soname (libgomp.so.1, as the CPU wheels used here do) the extension binds to the runtime torch has already loaded:
@@ -16,6 +18,7 @@ one thread pool.
 from __future__ import annotations
 
 import logging
+import hashlib
 import os
 import shutil
 import sys
@@ -50,6 +53,15 @@ def _isa_flags() -> tuple[str, list[str]]:
     return "generic", []
 
 
+def build_name(isa: str, flags: list[str], sources: tuple[Path, ...] = SOURCES) -> str:
+    """The extension's name: its ISA and the first 10 hex digits of a sha256 over the flags and every source's bytes
+    (the header included), so a changed source or flag gets a build directory of its own."""
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in (*sources, CSRC / "mamba_cpu.h"):
+        digest.update(path.read_bytes())
+    return f"mambadm_cpu_{isa}_{digest.hexdigest()[:10]}"
+
+
 def _put_ninja_on_path() -> None:
     """torch runs `ninja` from PATH: add the `ninja` wheel's binary when no system ninja is there (e.g. a venv that
     is not activated)."""
@@ -61,18 +73,26 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _clear_stale_lock(name: str) -> None:
-    """torch serialises builds with a lock file in the build directory and waits for it forever; a process killed
-    while building leaves it behind. Remove one older than STALE_LOCK_SECONDS, saying so."""
+def _wait_for_build_lock(name: str, poll_s: float = 0.5) -> None:
+    """torch serialises builds with a lock file in the build directory, and a process that finds it waits for it
+    forever; a process killed while building leaves it behind. Wait here instead: until the lock is gone (another
+    process finished building), or until it is older than STALE_LOCK_SECONDS, then remove it, saying so."""
     from torch.utils import cpp_extension
 
     try:
         lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+    except AttributeError:  # a torch without this helper: leave the waiting to torch
+        return
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # no lock: the usual case
+            return
+        if age > STALE_LOCK_SECONDS:
             logger.warning("removing a stale build lock left by a killed build: %s", lock)
-            lock.unlink()
-    except (OSError, AttributeError):  # no lock (the usual case), or a torch without this helper
-        pass
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
 
 
 def cpp_missing() -> str | None:
@@ -89,15 +109,16 @@ def cpp_missing() -> str | None:
             from torch.utils import cpp_extension
 
             _put_ninja_on_path()
-            isa, flags = _isa_flags()
-            name = f"mambadm_cpu_{isa}"
-            _clear_stale_lock(name)
+            isa, isa_flags = _isa_flags()
+            cflags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags, *_openmp_flags()]
+            name = build_name(isa, cflags)
+            _wait_for_build_lock(name)
             logger.info("building/loading the CPU Mamba kernels (%s); a first build takes ~10-60 s", isa)
             cpp_extension.load(
                 name=name,
                 sources=[str(s) for s in SOURCES],
                 extra_include_paths=[str(CSRC)],
-                extra_cflags=["-O3", "-ffast-math", "-fopenmp-simd", *flags, *_openmp_flags()],
+                extra_cflags=cflags,
                 extra_ldflags=_openmp_flags(),
                 is_python_module=False,
                 verbose=False,
