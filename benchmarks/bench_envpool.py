@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -40,6 +41,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.bench_rollout import ENVS, make_policy  # noqa: E402
 from evaluation.batch import make_batch  # noqa: E402
+from evaluation.envpool_envs import SmallMuJoCoPoolWarning  # noqa: E402
 from evaluation.evaluate import start_ray  # noqa: E402
 from evaluation.rollout import make_tasks, run_group  # noqa: E402
 from mambadm.config import EvalConfig  # noqa: E402
@@ -51,7 +53,7 @@ ENVS_PER_ACTOR = (1, 4, 16)
 class BackendActor:
     def __init__(self, name: str, family: str, backend: str, n_envs: int):
         torch.set_num_threads(1)
-        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"env_backend": backend})
+        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"env_backend": backend, "envs_per_actor": n_envs})
         self.batch = make_batch(ENVS[name], cfg, None, n_envs)
         self.policy = make_policy(name, self.batch.action_space, family)
 
@@ -170,7 +172,8 @@ def mujoco_split(seconds: float, n_envs: int) -> dict[str, float]:
 
     ids, raw, wrapped = np.arange(n_envs, dtype=np.int32), pool("Hopper-v5", n_envs), pool("Hopper-v5", n_envs)
     cart, one, cart_action = pool("CartPole-v1", 1), np.zeros(1, np.int32), np.zeros(1, np.int32)
-    batch = make_batch(ENVS["Hopper"], OmegaConf.merge(cfg, {"env_backend": "envpool"}), None, n_envs)
+    batch = make_batch(ENVS["Hopper"], OmegaConf.merge(cfg, {"env_backend": "envpool", "envs_per_actor": n_envs}),
+                       None, n_envs)
     batch.reset(list(range(n_envs)))
     active = np.ones(n_envs, bool)
 
@@ -240,6 +243,7 @@ def main() -> None:
     p.add_argument("--envs", nargs="+", choices=list(ENVS), default=list(ENVS),
                    help="envs to measure (the Breakout bounds run with Breakout, the MuJoCo split with Hopper)")
     args = p.parse_args()
+    warnings.simplefilter("ignore", SmallMuJoCoPoolWarning)  # the rows below measure those pools on purpose
     import envpool
 
     print(f"torch {torch.__version__}, ray {ray.__version__}, envpool {envpool.__version__}, {os.cpu_count()} CPUs, "

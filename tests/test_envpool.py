@@ -21,6 +21,8 @@ from evaluation.rollout import make_tasks, run_group
 from mambadm.config import EvalConfig
 
 pytest.importorskip("envpool")
+# the parity tests run small MuJoCo pools on purpose; the warning they draw is tested on its own
+pytestmark = pytest.mark.filterwarnings("ignore::evaluation.envpool_envs.SmallMuJoCoPoolWarning")
 
 BREAKOUT = {"kind": "atari", "game": "Breakout"}
 HOPPER = {"kind": "mujoco", "task": "hopper"}
@@ -191,6 +193,26 @@ def test_envpool_rejects_what_it_cannot_run():
     assert dt.reset([0]).shape == (1, 4, 84, 84)
 
 
+def test_small_mujoco_pools_are_named_at_start_up_and_still_run_on_envpool():
+    """Below the measured crossover EnvPool steps MuJoCo slower than gymnasium: the protocol (what the CLI checks
+    before Ray starts) warns, naming the crossover and the option to raise; the backend is not switched. At the
+    crossover, on Atari and on gymnasium: no warning."""
+    import warnings
+
+    from evaluation.envpool_envs import MUJOCO_CROSSOVER_ENVS, SmallMuJoCoPoolWarning
+    from evaluation.envs import protocol
+
+    few = config(env_backend="envpool", envs_per_actor=MUJOCO_CROSSOVER_ENVS - 1)
+    with pytest.warns(SmallMuJoCoPoolWarning, match=rf"envs_per_actor={MUJOCO_CROSSOVER_ENVS - 1}.*"
+                                                    rf"--envs-per-actor to {MUJOCO_CROSSOVER_ENVS}"):
+        assert protocol(HOPPER, few)["env_backend"] == "envpool"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallMuJoCoPoolWarning)
+        protocol(HOPPER, config(env_backend="envpool", envs_per_actor=MUJOCO_CROSSOVER_ENVS))
+        protocol(BREAKOUT, config(env_backend="envpool", envs_per_actor=1))
+        protocol(HOPPER, config(envs_per_actor=1))
+
+
 def test_envpool_returns_the_emulators_raw_screens_at_frame_skip_1():
     """What the refusal of DT's frame order rests on (evaluation/envpool_envs.py): EnvPool has no resize-first
     option, but at frame_skip=1 and 210x160 it hands out ALE's raw gray screens, the same as ale-py's."""
@@ -220,8 +242,9 @@ def test_envpool_returns_the_emulators_raw_screens_at_frame_skip_1():
 def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp_path, backend, runs):
     """gymnasium: 1 vs 2 actors give the same episodes. EnvPool: one actor's pool, reused for its second group,
     gives the same episodes for the same seed on a second run (with several actors an episode's initial noise
-    depends on which groups its actor ran before: docs/evaluation.md). The output never shows Ray's error line about
-    actor constructor arguments in the object store (the payload travels by reference with each group)."""
+    depends on which groups its actor ran before: docs/evaluation.md), and says at start-up that 2 envs per actor is
+    below its MuJoCo crossover. The output never shows Ray's error line about actor constructor arguments in the
+    object store (the payload travels by reference with each group)."""
     from test_eval_policy import make_export
 
     export = make_export(tmp_path)
@@ -236,6 +259,7 @@ def test_evaluation_cli_records_its_backend_without_ray_constructor_warnings(tmp
                               env=os.environ | {"PYTHONPATH": REPO})
         assert done.returncode == 0, done.stderr[-2000:]
         assert "constructor arguments in the object store" not in done.stdout + done.stderr
+        assert ("SmallMuJoCoPoolWarning" in done.stderr) == (backend == "envpool")  # 2 envs per actor on Hopper
         results[run] = json.loads(output.read_text())
         assert results[run]["protocol"]["env_backend"] == backend
         assert results[run]["eval"]["env_backend"] == backend
