@@ -147,3 +147,18 @@ def test_cli_rejects_bad_csv(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mambadm.study.scaling", str(tmp_path / "bad.csv")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "missing column" in proc.stderr
+
+
+def test_verdict_says_bigger_models_help_only_when_their_interval_is_above_zero():
+    """Data beats the model in all three; what is said of the bigger model follows its own interval."""
+    from mambadm.study.claim import verdict
+
+    base = {"spread_from": "seeds", "data_gain_mean": 0.38, "model_gain_mean": 0.08,
+            "data_gain_ci": [0.15, 0.75], "difference_ci": [0.04, 0.65]}
+    nothing, _ = verdict(base | {"model_gain_ci": [-0.02, 0.04]})
+    helps, _ = verdict(base | {"model_gain_ci": [0.02, 0.30]})
+    unsure, answered = verdict(base | {"model_gain_ci": [-0.08, 0.33]})
+    assert nothing.startswith("agrees: more data helps") and "gains ~nothing" in nothing
+    assert helps.startswith("partly") and "bigger models help too" in helps
+    assert answered and unsure.startswith("agrees that more data helps more than a bigger model")
+    assert "not answered" in unsure and "-8.0%" in unsure and "help too" not in unsure

@@ -75,7 +75,7 @@ def verdict(entry: dict) -> tuple[str, bool]:
         return f"not answered: the grid has no {missing} step", False
     if entry["spread_from"] == "none":
         return "not answered: one seed and no episode spread, so noise cannot be told from an effect", False
-    (dlo, dhi), (xlo, xhi), (_, mhi) = entry["data_gain_ci"], entry["difference_ci"], entry["model_gain_ci"]
+    (dlo, dhi), (xlo, xhi), (mlo, mhi) = entry["data_gain_ci"], entry["difference_ci"], entry["model_gain_ci"]
     if dhi < 0:
         return f"disagrees: more data hurt ({_pct(entry['data_gain_mean'])}, interval below zero)", True
     if xhi < 0:
@@ -83,7 +83,10 @@ def verdict(entry: dict) -> tuple[str, bool]:
     if dlo > 0 and xlo > 0:
         if mhi <= NO_MODEL_GAIN:
             return "agrees: more data helps, more than a bigger model, which gains ~nothing", True
-        return "partly: more data helps more than a bigger model, but bigger models help too", True
+        if mlo > 0:
+            return "partly: more data helps more than a bigger model, but bigger models help too", True
+        return (f"agrees that more data helps more than a bigger model; whether a bigger model helps is not answered "
+                f"(its interval [{_pct(mlo)}, {_pct(mhi)}] spans zero and reaches past +{NO_MODEL_GAIN:.0%})"), True
     spans = "the data gain's" if dlo <= 0 else "the difference's"
     lo, hi = entry["data_gain_ci"] if dlo <= 0 else entry["difference_ci"]
     return f"not answered: {spans} interval [{_pct(lo)}, {_pct(hi)}] spans zero", False
