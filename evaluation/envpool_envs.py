@@ -38,14 +38,14 @@ import numpy as np
 from data_pipeline.sources.mujoco_tasks import gym_id
 
 INT32_SEEDS = 2**31 - 1  # EnvPool asserts seeds in [-INT_MAX, INT_MAX)
-# Below this many envs per actor EnvPool stepped MuJoCo slower than gymnasium (benchmarks/RESULTS.md, "EnvPool
-# backend, one pool per actor", the quiet rerun after the direct C++ calls): its fixed cost per call, the hand-off to
-# its C++ thread and back, outweighs a MuJoCo step that costs gymnasium ~150 us.
+# From this many envs per actor EnvPool stepped MuJoCo faster than gymnasium in every benchmark row; below it, down to
+# 0.7x (benchmarks/RESULTS.md, "EnvPool backend, one pool per actor", the 2026-12-07 rerun): its fixed cost per call,
+# the hand-off to its C++ thread and back, weighs against a MuJoCo step that costs gymnasium ~100-150 us.
 MUJOCO_CROSSOVER_ENVS = 16
 
 
 class SmallMuJoCoPoolWarning(UserWarning):
-    """EnvPool on MuJoCo with fewer envs per actor than ``MUJOCO_CROSSOVER_ENVS``: slower than gymnasium."""
+    """EnvPool on MuJoCo with fewer envs per actor than ``MUJOCO_CROSSOVER_ENVS``: possibly slower than gymnasium."""
 
 
 def envpool_id(eval_env: dict, cfg: Any) -> str:
@@ -83,7 +83,7 @@ def check_atari(cfg: Any) -> None:
 
 def envpool_kwargs(eval_env: dict, cfg: Any, frame_stack: int = 4) -> dict:
     """EnvPool's options for the protocol ``cfg`` (docs/evaluation.md lists the mapping); a ``ValueError`` for what
-    EnvPool cannot run, a warning where it runs MuJoCo slower than gymnasium (``warn_small_mujoco_pool``)."""
+    EnvPool cannot run, a warning where it can run MuJoCo slower than gymnasium (``warn_small_mujoco_pool``)."""
     if eval_env.get("kind") == "atari":
         check_atari(cfg)
         return {"frame_skip": int(cfg.frame_skip), "noop_max": int(cfg.noop_max),
@@ -104,10 +104,10 @@ def warn_small_mujoco_pool(cfg: Any) -> None:
     envs = int(cfg.envs_per_actor)
     if envs < MUJOCO_CROSSOVER_ENVS:
         warnings.warn(f"eval.env_backend=envpool on MuJoCo with eval.envs_per_actor={envs}: below "
-                      f"{MUJOCO_CROSSOVER_ENVS} envs per actor EnvPool stepped MuJoCo slower than gymnasium (its "
-                      f"fixed cost per call, the hand-off to its C++ thread, outweighs the MuJoCo step; "
-                      f"benchmarks/RESULTS.md). Raise --envs-per-actor to {MUJOCO_CROSSOVER_ENVS} or more, or use "
-                      f"eval.env_backend=gymnasium", SmallMuJoCoPoolWarning, stacklevel=2)
+                      f"{MUJOCO_CROSSOVER_ENVS} envs per actor EnvPool can step MuJoCo slower than gymnasium (down "
+                      f"to 0.7x in benchmarks/RESULTS.md: its fixed cost per call, the hand-off to its C++ thread, "
+                      f"weighs against the cheap MuJoCo step). Raise --envs-per-actor to {MUJOCO_CROSSOVER_ENVS} or "
+                      f"more, or use eval.env_backend=gymnasium", SmallMuJoCoPoolWarning, stacklevel=2)
 
 
 def construction_seeds(seeds: Sequence[int], n_envs: int) -> list[int]:
