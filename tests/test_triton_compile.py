@@ -40,18 +40,29 @@ def kernels() -> list[tuple[str, object, dict, int]]:
     return found
 
 
+def source(kernel, constexprs: dict, activations: str):
+    """The kernel as Triton's compiler takes it: pointer and integer types by argument name, the constexprs' values.
+    Triton 3.3 on names the constexprs in the signature (`constexprs=`), 3.0-3.2 pass them as `constants=`."""
+    from triton.compiler import ASTSource
+
+    types = {p.name: (f"*{activations}" if p.name in ACTIVATION_PTRS else "*fp32") if p.name.endswith("_ptr")
+             else "i32" for p in kernel.params if not p.is_constexpr}
+    try:
+        return ASTSource(fn=kernel, signature={p.name: types.get(p.name, "constexpr") for p in kernel.params},
+                         constexprs=constexprs)
+    except TypeError:  # triton < 3.3
+        return ASTSource(fn=kernel, signature=types, constants=constexprs)
+
+
 def compile_all() -> None:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
+    print(f"triton {triton.__version__}", flush=True)
     for activations in ("fp32", "bf16"):
         for name, kernel, constexprs, warps in kernels():
-            signature = {p.name: "constexpr" if p.is_constexpr else
-                         (f"*{activations}" if p.name in ACTIVATION_PTRS else "*fp32") if p.name.endswith("_ptr")
-                         else "i32" for p in kernel.params}
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget(*TARGET), options={"num_warps": warps})
+            compiled = triton.compile(source(kernel, constexprs, activations), target=GPUTarget(*TARGET),
+                                      options={"num_warps": warps})
             assert compiled.asm["cubin"], name
             print(f"compiled {name} {activations}", flush=True)
 
