@@ -40,8 +40,7 @@ if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= MAMBADM_
 
 # 0. Issue 18, GPU scale (~9 minutes on one H100; every step has its own time limit):
 #    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), the fused triton
-#       conv + SiLU against the PyTorch conv and the mixer against ref (forward and gradients), presets,
-#       checkpointed blocks, large-model configs; one pytest per file.
+#       conv + SiLU against the PyTorch conv and the mixer against ref (forward and gradients); one pytest per file.
 #    b. the triton scan's backward / forward time per kernel pair at L = 90 and 3072 (target <= 2).
 #    c. the fused conv ($MAMBADM_TRITON_FUSED): its parity against ref through the mixer (with and without the local
 #       windows), then MambaDM's largest-preset training step on triton with it off and on, on cuda where mamba_ssm
@@ -59,8 +58,7 @@ else
     pyt="-q -rs"; dev=""; pairs="--pair-sizes xxl 100m 300m 1b --pair-batches 64 128 256 --checkpoint-batch 256"
     prof="--sizes 1b --batch 64"; steps=${SCALE_TRAIN_STEPS:-300}; size=100m; fused="--sizes xxl --fused-batches 256"
 fi
-for f in tests/test_ssm_triton.py tests/test_triton_conv.py tests/test_model_presets.py tests/test_grad_checkpoint.py \
-         tests/test_large_configs.py; do
+for f in tests/test_ssm_triton.py tests/test_triton_conv.py; do  # (the presets' and configs' tests are CPU-only: CI)
     timeout 150 python3 -m pytest $pyt -p no:cacheprovider "$f" >> "$out/scale_tests.txt" 2>&1
     echo "== $f exit $?" >> "$out/scale_tests.txt"
 done

@@ -21,7 +21,7 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     tests = (out / "scale_tests.txt").read_text()
-    assert tests.count(" exit 0") == 5 and "test_outputs_and_gradients_match_ref" in tests, tests[-2000:]
+    assert tests.count(" exit 0") == 2 and "test_outputs_and_gradients_match_ref" in tests, tests[-2000:]
     assert "test_outputs_and_gradients_match_the_pytorch_conv" in tests, tests[-2000:]
     ratio = (out / "scale_triton_ratio.txt").read_text()
     assert ratio.rstrip().endswith("exit 0"), ratio

@@ -42,7 +42,7 @@ def kernels() -> list[tuple[str, object, dict, int]]:
 
 def source(kernel, constexprs: dict, activations: str):
     """The kernel as Triton's compiler takes it: pointer and integer types by argument name, the constexprs' values.
-    Triton 3.3 on names the constexprs in the signature (`constexprs=`), 3.0-3.2 pass them as `constants=`."""
+    Newer Triton (3.4 on, checked) names the constexprs in the signature (`constexprs=`); 3.0-3.2 take `constants=`."""
     from triton.compiler import ASTSource
 
     types = {p.name: (f"*{activations}" if p.name in ACTIVATION_PTRS else "*fp32") if p.name.endswith("_ptr")
@@ -50,7 +50,7 @@ def source(kernel, constexprs: dict, activations: str):
     try:
         return ASTSource(fn=kernel, signature={p.name: types.get(p.name, "constexpr") for p in kernel.params},
                          constexprs=constexprs)
-    except TypeError:  # triton < 3.3
+    except TypeError:  # an older triton
         return ASTSource(fn=kernel, signature=types, constants=constexprs)
 
 
