@@ -5,12 +5,16 @@
 #     benchmarks/gpu_session.sh OUT_DIR [KERNEL_SRC_DIR] [WHEEL_DIR] [SHARDS_DIR] [BUILD_DEADLINE_S]
 #
 # KERNEL_SRC_DIR: unpacked mamba-ssm and causal-conv1d sdists (built by build_cuda_kernels.sh for this GPU only);
-# WHEEL_DIR: wheels of pure-Python packages the machine lacks (installed into a private folder);
+# WHEEL_DIR: wheels of the packages the machine lacks (benchmarks/gpu_wheels.sh downloads them; installed into a
+#     private folder); without them the first step (gpu_preflight.py) stops the session, naming what is missing;
 # SHARDS_DIR: a small sharded vector dataset (e.g. collected Hopper) for real `accelerate launch` runs;
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
 # Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
-# bench_gpu_fused.json, train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1.
+# bench_gpu_fused.json, train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1. Step 0 writes
+# nine files; where fewer can be fetched back, write them to a scratch folder and pack it, inside the call's limit:
+#     benchmarks/gpu_wheels.sh .whl        # beforehand, on a machine with PyPI; send .whl and the shards along
+#     timeout 540 benchmarks/gpu_session.sh /tmp/s "" .whl runs/hopper/shards; tar czf RETURNED/s.tgz -C /tmp s
 # DRY_RUN=1: the same steps on this machine's CPU at tiny shapes (no GPU, the Triton interpreter, pytest only
 # collects, the `fast` backend where a GPU run has a fused one), so that the script cannot rot
 # (tests/test_gpu_session.py).
@@ -34,9 +38,11 @@ dry=${DRY_RUN:-0}
 # (a dry run never builds the C++ CPU kernels: a step killed by its time limit mid-build would leave torch's build
 # lock behind, and every later load of them would wait for it)
 if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= MAMBADM_NO_CPP_KERNELS=1; fi
+python3 benchmarks/gpu_preflight.py 2>&1 | tee "$out/env.txt"  # stops here when an import is missing (WHEEL_DIR)
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 { if [ "$dry" = 1 ]; then echo "DRY_RUN: cpu"; else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi; nproc;
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nvcc --version | tail -2; } \
-    2>&1 | tee "$out/env.txt"
+    2>&1 | tee -a "$out/env.txt"
 
 # 0. Issue 18, GPU scale (~9 minutes on one H100; every step has its own time limit):
 #    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), the fused triton
