@@ -11,8 +11,9 @@
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 300).
 # Environment: LEAN=1 builds the trimmed kernels (see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
 # Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
-# bench_gpu_fused.json, train_100m.log); the earlier sweeps (steps 1-5) run after it only with FULL=1. Step 0 writes
-# nine files; where fewer can be fetched back, write them to a scratch folder and pack it, inside the call's limit:
+# bench_gpu_fused.json, train_100m.log) and prints the targets' verdicts (gpu_targets.py); the earlier sweeps
+# (steps 1-5) run after it only with FULL=1. Step 0 writes nine files; where fewer can be fetched back, write them
+# to a scratch folder and pack it, inside the call's limit:
 #     benchmarks/gpu_wheels.sh .whl        # beforehand, on a machine with PyPI; send .whl and the shards along
 #     timeout 540 benchmarks/gpu_session.sh /tmp/s "" .whl runs/hopper/shards; tar czf RETURNED/s.tgz -C /tmp s
 # DRY_RUN=1: the same steps on this machine's CPU at tiny shapes (no GPU, the Triton interpreter, pytest only
@@ -103,6 +104,7 @@ for r in rows[:: max(1, len(rows) // 6)] + rows[-1:]:
 print("export:", sorted(p.name for p in (run / "export").iterdir()))' "$run" >> "$out/train_$size.log" 2>&1
 fi
 echo "scale steps done at ${SECONDS} s" | tee -a "$out/env.txt"
+python3 benchmarks/gpu_targets.py "$out"  # the targets' table and the defaults this run decides (stdout only)
 if [ "${FULL:-0}" != 1 ]; then exit 0; fi
 
 build_pid=

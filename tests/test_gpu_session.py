@@ -45,3 +45,4 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
     profile = (out / "scale_profile.txt").read_text()
     assert "profile: mambadm xs" in profile and profile.rstrip().endswith("exit 0"), profile[-2000:]
     assert "scale steps done" in (out / "env.txt").read_text()
+    assert "| target | measured | status |" in done.stdout and "| default scan: chunked |" in done.stdout

@@ -1,0 +1,136 @@
+"""The issue-18 targets against what one run of benchmarks/gpu_session.sh (step 0) measured, as a markdown table,
+and the two defaults that run decides (the chunked Triton scan, the fused Triton conv).
+
+    python benchmarks/gpu_targets.py OUT_DIR [--memory-gib 78]
+
+Reads OUT_DIR/env.txt (the card), scale_tests.txt (the compiled GPU tests), scale_triton_ratio.txt (backward /
+forward per kernel pair), bench_gpu_fused.json and bench_gpu_pairs.json. Targets (one GPU, bf16):
+- MambaDM tokens/s >= DT's at every parameter-matched pair from 28M (xxl) up: each family's best eager row;
+- MFU >= 25% for both families at every preset >= 100M parameters (the best row; its batch is named);
+- the 1B pair trains on one 80 GB GPU: a row of each family at 1b (plain or checkpointed) whose peak memory is at
+  most --memory-gib (an 80 GB card leaves about 78 GiB to a program);
+- Triton scan backward / forward <= 2 at L = 90 and L = 3072, for the kernel pair the tables ran.
+A target whose rows are missing (a failed or cut step) reads "not measured", never "met".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PAIR_SIZES = ("xxl", "100m", "300m", "1b")  # the pairs from 28M up
+LARGE = ("100m", "300m", "1b")  # >= 100M parameters
+MFU_TARGET, RATIO_TARGET = 0.25, 2.0
+
+
+def read_json(path: Path, key: str) -> list[dict]:
+    return json.loads(path.read_text()).get(key, []) if path.is_file() else []
+
+
+def ratio_rows(path: Path) -> list[dict]:
+    """The rows of bench_triton_scan.py's backward / forward table that ran (a failed row has no ratio)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[0] in ("chunked", "serial"):
+            try:
+                rows.append({"kernel": cells[0], "L": int(cells[2]), "segment": cells[4], "fwd_ms": float(cells[5]),
+                             "bwd_ms": float(cells[6]), "ratio": float(cells[7])})
+            except ValueError:
+                continue
+    return rows
+
+
+def best(rows: list[dict], key: str) -> dict | None:
+    ran = [r for r in rows if r.get(key) is not None and not r.get("oom") and "failed" not in r]
+    return max(ran, key=lambda r: r[key]) if ran else None
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "not met")
+
+
+def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows, then the two defaults as (decision, evidence, choice)."""
+    pairs = read_json(out / "bench_gpu_pairs.json", "pairs")
+    plain = [r for r in pairs if not r.get("grad_checkpoint")]
+    rows = []
+
+    ratios, speed_ok = [], []
+    for size in PAIR_SIZES:
+        dt = best([r for r in plain if r["family"] == "dt" and r["size"] == size], "tokens_per_s")
+        mdm = best([r for r in plain if r["family"] == "mambadm" and r["size"] == size], "tokens_per_s")
+        if dt and mdm:
+            ratios.append(f"{size} {mdm['tokens_per_s'] / dt['tokens_per_s']:.2f}x")
+            speed_ok.append(mdm["tokens_per_s"] >= dt["tokens_per_s"])
+        else:
+            ratios.append(f"{size} -")
+            speed_ok.append(None)
+    rows.append(("MambaDM tokens/s >= DT, every pair from 28M", ", ".join(ratios),
+                 verdict(None if None in speed_ok else all(speed_ok))))
+
+    mfus, mfu_ok = [], []
+    for size in LARGE:
+        for family in ("dt", "mambadm"):
+            top = best([r for r in plain if r["family"] == family and r["size"] == size], "mfu")
+            mfus.append(f"{family}-{size} " + (f"{100 * top['mfu']:.1f}% (batch {top['batch']})" if top else "-"))
+            mfu_ok.append(None if top is None else top["mfu"] >= MFU_TARGET)
+    rows.append(("MFU >= 25%, both families, every preset >= 100M", ", ".join(mfus),
+                 verdict(None if None in mfu_ok else all(mfu_ok))))
+
+    fits, fit_ok = [], []
+    for family in ("dt", "mambadm"):
+        ran = [r for r in pairs if r["family"] == family and r["size"] == "1b" and r.get("peak_gib") is not None
+               and not r.get("oom")]
+        small = min(ran, key=lambda r: r["peak_gib"]) if ran else None
+        fits.append(f"{family}-1b " + (f"{small['peak_gib']:.1f} GiB (batch {small['batch']}, checkpointed "
+                                       f"{small['grad_checkpoint']}, {small['step_ms']:.0f} ms)" if small else "-"))
+        fit_ok.append(None if small is None else small["peak_gib"] <= memory_gib)
+    rows.append((f"1B pair trains on one 80 GB GPU (peak <= {memory_gib:g} GiB)", ", ".join(fits),
+                 verdict(None if None in fit_ok else all(fit_ok))))
+
+    scan = ratio_rows(out / "scale_triton_ratio.txt")
+    tests = (out / "scale_tests.txt").read_text() if (out / "scale_tests.txt").is_file() else ""
+    kernel = "serial" if "MAMBADM_TRITON_SCAN=serial" in tests else "chunked"
+    mine = [r for r in scan if r["kernel"] == kernel]
+    lengths = {r["L"] for r in mine}
+    rows.append((f"Triton scan backward / forward <= 2 at L = 90 and 3072 ({kernel})",
+                 ", ".join(f"L {r['L']} seg {r['segment']}: {r['ratio']:.2f}" for r in mine) or "-",
+                 verdict(None if not {90, 3072} <= lengths else all(r["ratio"] <= RATIO_TARGET for r in mine))))
+
+    def total(k: str) -> dict[tuple, float]:
+        return {(r["L"], r["segment"]): r["fwd_ms"] + r["bwd_ms"] for r in scan if r["kernel"] == k}
+
+    chunked, serial = total("chunked"), total("serial")
+    chunked_passed = "== tests/test_ssm_triton.py exit 0" in tests
+    faster = bool(chunked) and set(chunked) == set(serial) and all(chunked[s] < serial[s] for s in chunked)
+    rows.append(("default scan: chunked", f"GPU tests passed {chunked_passed}; fwd + bwd faster than serial at "
+                 f"every shape {faster}", "switch to chunked" if chunked_passed and faster else "keep serial"))
+    fused = [r for r in read_json(out / "bench_gpu_fused.json", "fused_steps") if r.get("fused_speedup")]
+    conv_passed = "== tests/test_triton_conv.py exit 0" in tests
+    speedup = fused[0]["fused_speedup"] if fused else None
+    rows.append(("default conv: fused Triton", f"GPU tests passed {conv_passed}; step speed-up "
+                 + ("-" if speedup is None else f"{speedup:.2f}x"),
+                 "switch on" if conv_passed and speedup is not None and speedup > 1 else "keep off"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the folder gpu_session.sh wrote")
+    parser.add_argument("--memory-gib", type=float, default=78.0)
+    args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        print(f"gpu_targets: {args.out} is not a folder", file=sys.stderr)
+        return 2
+    env = (args.out / "env.txt").read_text().splitlines() if (args.out / "env.txt").is_file() else []
+    card = next((line for line in env if "," in line and "MiB" in line), "card not named in env.txt")
+    print(f"issue-18 targets, {card}\n\n| target | measured | status |\n|---|---|---|")
+    for target, measured, status in evaluate(args.out, args.memory_gib):
+        print(f"| {target} | {measured} | {status} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

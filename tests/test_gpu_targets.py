@@ -1,0 +1,81 @@
+"""benchmarks/gpu_targets.py reads a gpu_session.sh output folder and says met / not met / not measured per issue-18
+target, and which defaults the run decides. Planted folders in the session's formats (the dry run's real files are
+read in tests/test_gpu_session.py)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_targets  # noqa: E402
+
+
+def row(family, size, batch, tokens, mfu, peak, ckpt=False):
+    return {"family": family, "size": size, "batch": batch, "grad_checkpoint": ckpt, "tokens_per_s": tokens,
+            "mfu": mfu, "peak_gib": peak, "step_ms": 100.0}
+
+
+def session(tmp_path: Path, mambadm_speed: float, chunked_bwd: float, fused_speedup: float) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "env.txt").write_text("gpu_preflight: ok\nNVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n16\n")
+    (out / "scale_tests.txt").write_text("== tests/test_ssm_triton.py exit 0\n== tests/test_triton_conv.py exit 0\n")
+    pairs = []
+    for size in gpu_targets.PAIR_SIZES:
+        pairs += [row("dt", size, 128, 1e6, 0.30, 40.0), row("dt", size, 256, 1.1e6, 0.31, 70.0),
+                  row("mambadm", size, 128, mambadm_speed * 1.1e6, 0.28, 35.0),
+                  {"family": "mambadm", "size": size, "batch": 256, "grad_checkpoint": False, "oom": True}]
+    pairs.append(row("mambadm", "1b", 256, 5e5, 0.2, 30.0, ckpt=True))
+    (out / "bench_gpu_pairs.json").write_text(json.dumps({"device": "H100", "pairs": pairs}))
+    (out / "bench_gpu_fused.json").write_text(json.dumps({"fused_steps": [
+        {"family": "dt", "fused_speedup": None}, {"family": "mambadm", "fused_conv": False, "fused_speedup": None},
+        {"family": "mambadm", "fused_conv": True, "fused_speedup": fused_speedup}]}))
+    table = ["| kernel | rows | L | d_inner | segment | fwd ms | bwd ms | bwd / fwd | grads |", "|---|---|---|---|---|---|---|---|---|"]
+    for kernel, bwd in (("chunked", chunked_bwd), ("serial", 4.0)):
+        for rows, length, seg in ((256, 90, "None"), (256, 90, "15"), (16, 3072, "None")):
+            table.append(f"| {kernel} | {rows} | {length} | 1024 | {seg} | 1.000 | {bwd:.3f} | {bwd:.2f} | 1e-06 |")
+    (out / "scale_triton_ratio.txt").write_text("\n".join(table) + "\nexit 0\n")
+    return out
+
+
+def status(rows, prefix: str) -> str:
+    return next(s for t, _, s in rows if t.startswith(prefix))
+
+
+def test_targets_met_and_defaults_switched(tmp_path):
+    rows = gpu_targets.evaluate(session(tmp_path, mambadm_speed=1.05, chunked_bwd=1.8, fused_speedup=1.2), 78.0)
+    assert status(rows, "MambaDM tokens/s") == "met"
+    assert status(rows, "MFU") == "met"  # best rows: DT 31%, MambaDM 28%
+    assert status(rows, "1B pair") == "met"
+    assert status(rows, "Triton scan") == "met"
+    assert status(rows, "default scan") == "switch to chunked" and status(rows, "default conv") == "switch on"
+
+
+def test_targets_not_met_and_defaults_kept(tmp_path):
+    out = session(tmp_path, mambadm_speed=0.5, chunked_bwd=4.5, fused_speedup=0.9)
+    rows = gpu_targets.evaluate(out, 30.0)  # DT's smallest 1b peak is 40 GiB: over a 30 GiB card
+    assert status(rows, "MambaDM tokens/s") == "not met"
+    assert "1b 0.50x" in next(m for t, m, _ in rows if t.startswith("MambaDM tokens/s"))
+    assert status(rows, "1B pair") == "not met" and status(rows, "Triton scan") == "not met"
+    assert status(rows, "default scan") == "keep serial" and status(rows, "default conv") == "keep off"
+
+
+def test_missing_rows_read_not_measured_and_the_cli_names_the_card(tmp_path):
+    out = session(tmp_path, 1.05, 1.8, 1.2)
+    pairs = json.loads((out / "bench_gpu_pairs.json").read_text())
+    pairs["pairs"] = [r for r in pairs["pairs"] if r["size"] != "300m"]  # the step was cut before 300m
+    (out / "bench_gpu_pairs.json").write_text(json.dumps(pairs))
+    (out / "scale_triton_ratio.txt").write_text("exit 124\n")
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "MambaDM tokens/s") == status(rows, "MFU") == status(rows, "Triton scan") == "not measured"
+    assert status(rows, "1B pair") == "met"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_targets.py", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "NVIDIA H100 80GB HBM3" in done.stdout and "| not measured |" in done.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/gpu_targets.py", str(tmp_path / "nope")], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
