@@ -4,7 +4,8 @@ and the two defaults that run decides (the chunked Triton scan, the fused Triton
     python benchmarks/gpu_targets.py OUT_DIR [--memory-gib 78]
 
 Reads OUT_DIR/env.txt (the card), scale_tests.txt (the compiled GPU tests), scale_triton_ratio.txt (backward /
-forward per kernel pair), bench_gpu_fused.json and bench_gpu_pairs.json. Targets (one GPU, bf16):
+forward per kernel pair), bench_gpu_fused.json and bench_gpu_pairs.json (or, if its step was cut before writing it,
+the rows scale_pairs.txt had printed). Targets (one GPU, bf16):
 - MambaDM tokens/s >= DT's at every parameter-matched pair from 28M (xxl) up: each family's best eager row;
 - MFU >= 25% for both families at every preset >= 100M parameters (the best row; its batch is named);
 - the 1B pair trains on one 80 GB GPU: a row of each family at 1b (plain or checkpointed) whose peak memory is at
@@ -26,6 +27,27 @@ MFU_TARGET, RATIO_TARGET = 0.25, 2.0
 
 def read_json(path: Path, key: str) -> list[dict]:
     return json.loads(path.read_text()).get(key, []) if path.is_file() else []
+
+
+def pair_rows(out: Path) -> list[dict]:
+    """bench_gpu.py's pair rows: from bench_gpu_pairs.json, or, where the step was cut before writing it, from the
+    rows it had printed to scale_pairs.txt (| family | size | backend | ckpt | params | batch | K | step ms |
+    tokens/s | TFLOP/s | MFU | peak GiB |)."""
+    if (out / "bench_gpu_pairs.json").is_file():
+        return read_json(out / "bench_gpu_pairs.json", "pairs")
+    rows = []
+    text = (out / "scale_pairs.txt").read_text() if (out / "scale_pairs.txt").is_file() else ""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 12 or cells[0] not in ("dt", "mambadm"):
+            continue
+        row = {"family": cells[0], "size": cells[1], "grad_checkpoint": cells[3] == "True", "batch": int(cells[5])}
+        if cells[7] == "OOM":
+            rows.append({**row, "oom": True})
+            continue
+        rows.append({**row, "step_ms": float(cells[7]), "tokens_per_s": float(cells[8].replace(",", "")),
+                     "mfu": float(cells[10].rstrip("%")) / 100, "peak_gib": float(cells[11])})
+    return rows
 
 
 def ratio_rows(path: Path) -> list[dict]:
@@ -53,7 +75,7 @@ def verdict(ok: bool | None) -> str:
 
 def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) rows, then the two defaults as (decision, evidence, choice)."""
-    pairs = read_json(out / "bench_gpu_pairs.json", "pairs")
+    pairs = pair_rows(out)
     plain = [r for r in pairs if not r.get("grad_checkpoint")]
     rows = []
 

@@ -46,3 +46,13 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
     assert "profile: mambadm xs" in profile and profile.rstrip().endswith("exit 0"), profile[-2000:]
     assert "scale steps done" in (out / "env.txt").read_text()
     assert "| target | measured | status |" in done.stdout and "| default scan: chunked |" in done.stdout
+    # a pairs step cut before it writes its JSON: gpu_targets.py reads the same rows from what the step printed
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_targets
+
+    (out / "bench_gpu_pairs.json").unlink()
+    printed = gpu_targets.pair_rows(out)
+    assert [(r["family"], r["grad_checkpoint"], r["batch"]) for r in printed] == \
+        [(r["family"], r["grad_checkpoint"], r["batch"]) for r in measured]
+    assert all(abs(p["tokens_per_s"] - r["tokens_per_s"]) <= 0.5 and abs(p["mfu"] - r["mfu"]) <= 5e-5
+               for p, r in zip(printed, measured)), (printed, measured)

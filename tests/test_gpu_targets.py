@@ -79,3 +79,25 @@ def test_missing_rows_read_not_measured_and_the_cli_names_the_card(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/gpu_targets.py", str(tmp_path / "nope")], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
+def test_pair_rows_read_from_the_printed_table_when_the_json_is_missing(tmp_path):
+    out = session(tmp_path, 1.05, 1.8, 1.2)
+    (out / "bench_gpu_pairs.json").unlink()
+    (out / "scale_pairs.txt").write_text(
+        "### pair 1b (K = 30, bf16 autocast, eager, AdamW; MFU against 989 TFLOP/s)\n" + gpu_targets_header() +
+        "| dt | 1b | - | False | 1,072,886,788 | 64 | 30 | 412.5 | 13,963 | 90.2 | 9.12% | 41.3 |\n"
+        "| dt | 1b | - | False | 1,072,886,788 | 128 | 30 | OOM | | | | |\n"
+        "| mambadm | 1b | triton | True | 1,046,104,324 | 256 | 30 | 2110.0 | 10,919 | 70.1 | 7.09% | 22.4 |\n")
+    rows = gpu_targets.pair_rows(out)
+    assert abs(rows[0].pop("mfu") - 0.0912) < 1e-12
+    assert rows[0] == {"family": "dt", "size": "1b", "grad_checkpoint": False, "batch": 64, "step_ms": 412.5,
+                       "tokens_per_s": 13963.0, "peak_gib": 41.3}
+    assert rows[1]["oom"] and rows[2]["grad_checkpoint"] and rows[2]["peak_gib"] == 22.4
+    verdicts = gpu_targets.evaluate(out, 78.0)
+    assert status(verdicts, "1B pair") == "met" and status(verdicts, "MFU") == "not measured"
+
+
+def gpu_targets_header() -> str:
+    return ("| family | size | backend | ckpt | params | batch | K | step ms | tokens/s | TFLOP/s | MFU | peak GiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
