@@ -107,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dists", action="store_true", help="print the distributions the session's code loads")
     args = parser.parse_args(argv)
     if args.wheels:
-        for name in CARRY:
-            print(f"{name}=={metadata.version(name)}")
+        try:
+            pins = [f"{name}=={metadata.version(name)}" for name in CARRY]
+        except metadata.PackageNotFoundError as exc:
+            print(f"gpu_preflight: {exc.name} is not installed here, so its version is unknown: install the project "
+                  "(bash scripts/setup.sh) first", file=sys.stderr)
+            return 2
+        print("\n".join(pins))
         return 0
     try:
         load_entry()

@@ -25,8 +25,22 @@ LARGE = ("100m", "300m", "1b")  # >= 100M parameters
 MFU_TARGET, RATIO_TARGET = 0.25, 2.0
 
 
+class BadOutput(ValueError):
+    """A file of the session's folder that cannot be read as the session writes it."""
+
+
 def read_json(path: Path, key: str) -> list[dict]:
-    return json.loads(path.read_text()).get(key, []) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text()).get(key, [])
+    except (ValueError, AttributeError) as exc:
+        raise BadOutput(f"{path}: not the JSON object bench_gpu.py writes ({exc})") from exc
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of one markdown table row, stripped."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def pair_rows(out: Path) -> list[dict]:
@@ -38,15 +52,19 @@ def pair_rows(out: Path) -> list[dict]:
     rows = []
     text = (out / "scale_pairs.txt").read_text() if (out / "scale_pairs.txt").is_file() else ""
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = table_cells(line)
         if len(cells) < 12 or cells[0] not in ("dt", "mambadm"):
             continue
-        row = {"family": cells[0], "size": cells[1], "grad_checkpoint": cells[3] == "True", "batch": int(cells[5])}
-        if cells[7] == "OOM":
-            rows.append({**row, "oom": True})
+        try:  # a row cut mid-print by the step's time limit is skipped
+            row = {"family": cells[0], "size": cells[1], "grad_checkpoint": cells[3] == "True",
+                   "batch": int(cells[5])}
+            if cells[7] == "OOM":
+                rows.append({**row, "oom": True})
+                continue
+            rows.append({**row, "step_ms": float(cells[7]), "tokens_per_s": float(cells[8].replace(",", "")),
+                         "mfu": float(cells[10].rstrip("%")) / 100, "peak_gib": float(cells[11])})
+        except ValueError:
             continue
-        rows.append({**row, "step_ms": float(cells[7]), "tokens_per_s": float(cells[8].replace(",", "")),
-                     "mfu": float(cells[10].rstrip("%")) / 100, "peak_gib": float(cells[11])})
     return rows
 
 
@@ -54,7 +72,7 @@ def ratio_rows(path: Path) -> list[dict]:
     """The rows of bench_triton_scan.py's backward / forward table that ran (a failed row has no ratio)."""
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = table_cells(line)
         if len(cells) >= 8 and cells[0] in ("chunked", "serial"):
             try:
                 rows.append({"kernel": cells[0], "L": int(cells[2]), "segment": cells[4], "fwd_ms": float(cells[5]),
@@ -148,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = (args.out / "env.txt").read_text().splitlines() if (args.out / "env.txt").is_file() else []
     card = next((line for line in env if "," in line and "MiB" in line), "card not named in env.txt")
+    try:
+        rows = evaluate(args.out, args.memory_gib)
+    except BadOutput as exc:
+        print(f"gpu_targets: {exc}", file=sys.stderr)
+        return 2
     print(f"issue-18 targets, {card}\n\n| target | measured | status |\n|---|---|---|")
-    for target, measured, status in evaluate(args.out, args.memory_gib):
+    for target, measured, status in rows:
         print(f"| {target} | {measured} | {status} |")
     return 0
 

@@ -79,6 +79,11 @@ def test_missing_rows_read_not_measured_and_the_cli_names_the_card(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/gpu_targets.py", str(tmp_path / "nope")], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
+    (out / "bench_gpu_fused.json").write_text('{"fused_steps": [{"family": "dt", ')  # cut mid-write
+    bad = subprocess.run([sys.executable, "benchmarks/gpu_targets.py", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "bench_gpu_fused.json: not the JSON object" in bad.stderr, bad.stderr
+    assert "| target |" not in bad.stdout
 
 
 def test_pair_rows_read_from_the_printed_table_when_the_json_is_missing(tmp_path):
@@ -88,8 +93,10 @@ def test_pair_rows_read_from_the_printed_table_when_the_json_is_missing(tmp_path
         "### pair 1b (K = 30, bf16 autocast, eager, AdamW; MFU against 989 TFLOP/s)\n" + gpu_targets_header() +
         "| dt | 1b | - | False | 1,072,886,788 | 64 | 30 | 412.5 | 13,963 | 90.2 | 9.12% | 41.3 |\n"
         "| dt | 1b | - | False | 1,072,886,788 | 128 | 30 | OOM | | | | |\n"
+        "| dt | 1b | - | True | 1,072,886,788 | 256 | 30 | 1530.2 | 15,0 | | | |\n"  # cut mid-print: skipped
         "| mambadm | 1b | triton | True | 1,046,104,324 | 256 | 30 | 2110.0 | 10,919 | 70.1 | 7.09% | 22.4 |\n")
     rows = gpu_targets.pair_rows(out)
+    assert [r["family"] for r in rows] == ["dt", "dt", "mambadm"]  # the cut row left out
     assert abs(rows[0].pop("mfu") - 0.0912) < 1e-12
     assert rows[0] == {"family": "dt", "size": "1b", "grad_checkpoint": False, "batch": 64, "step_ms": 412.5,
                        "tokens_per_s": 13963.0, "peak_gib": 41.3}
