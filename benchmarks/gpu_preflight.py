@@ -4,16 +4,21 @@ seconds, naming the missing package, instead of letting every step fail on the s
     python3 benchmarks/gpu_preflight.py            # exit 0, or 1 naming what is missing and how to bring it
     python3 benchmarks/gpu_preflight.py --wheels   # NAME==VERSION (as installed here) of the wheels to carry
     python3 benchmarks/gpu_preflight.py --dists    # the distributions that importing the session's code loads
+    python3 benchmarks/gpu_preflight.py --sources DIR   # the kernel sources to build there import only what it has
 
 The GPU machine has no network: a package its image lacks travels as a wheel (benchmarks/gpu_wheels.sh downloads
 them for its Python, gpu_session.sh's WHEEL_DIR installs them). MACHINE lists the image's distributions as read on
 that machine (2026-11-17; Python 3.12, torch 2.11, triton 3.6); CARRY is what the session needs beyond them.
 tests/test_gpu_preflight.py checks that what the session's modules load here is in MACHINE or CARRY, and that
-CARRY's own requirements are too, so a new dependency cannot cost a device session.
+CARRY's own requirements are too, so a new dependency cannot cost a device session. `--sources` reads the unpacked
+mamba-ssm / causal-conv1d trees (benchmarks/gpu_kernel_sources.sh) without importing them (they need CUDA): what
+importing each package imports outside a try block must be the standard library, the package itself, the CUDA
+extension its setup.py builds, or in MACHINE.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import importlib.metadata as metadata
@@ -89,6 +94,56 @@ def loaded_distributions() -> set[str]:
     return found - {"mambadm"}
 
 
+def unguarded_imports(root: Path, package: str) -> set[str]:
+    """Top-level names of the modules outside `package` that `import package` imports (its tree unpacked under
+    `root`), following its own modules' imports; imports inside try blocks or functions are optional and skipped."""
+    seen, todo, outside = set(), [package], set()
+    while todo:
+        name = todo.pop()
+        base = root / Path(*name.split("."))
+        path = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+        if name in seen or path is None:  # a name imported from a module rather than a module
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # relative: from the package holding this module
+                    here = parts if path.name == "__init__.py" else parts[:-1]
+                    module = ".".join(here[: len(here) - node.level + 1] + ([module] if module else []))
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for imported in names:
+                (todo.append(imported) if imported.split(".")[0] == package else outside.add(imported.split(".")[0]))
+    return outside
+
+
+def source_imports_missing(src: Path) -> dict[str, set[str]]:
+    """For each unpacked kernel source tree under `src` (NAME-VERSION/ with NAME/ and setup.py): the modules its
+    package imports that the GPU machine lacks (not stdlib, not itself, not its built extension, not in MACHINE)."""
+    trees = sorted(d for d in src.iterdir() if d.is_dir() and (d / "setup.py").is_file())
+    if not trees:
+        raise FileNotFoundError(f"{src}: no unpacked source tree (NAME-VERSION/setup.py) in it")
+    extension = re.compile(r"CUDAExtension\(\s*name=[\"'](\w+)")
+    built = {m for d in trees for m in extension.findall((d / "setup.py").read_text())}
+    packages = {d.name.split("-")[0] for d in trees}
+    missing = {}
+    for tree in trees:
+        package = tree.name.split("-")[0]
+        if not (tree / package / "__init__.py").is_file():
+            raise FileNotFoundError(f"{tree}: no package {package}/ in it")
+        lacking = {m for m in unguarded_imports(tree, package)
+                   if m not in sys.stdlib_module_names and m not in built | packages and canonical(m) not in MACHINE}
+        if lacking:
+            missing[tree.name] = lacking
+    return missing
+
+
 def requirements(dist: str) -> set[str]:
     """Canonical names of the distributions `dist` (installed here) requires on this machine, extras left out."""
     from packaging.requirements import Requirement
@@ -105,7 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheels", action="store_true", help="print CARRY as NAME==VERSION installed here")
     parser.add_argument("--dists", action="store_true", help="print the distributions the session's code loads")
+    parser.add_argument("--sources", type=Path, metavar="DIR",
+                        help="check the unpacked kernel sources in DIR against the machine's packages")
     args = parser.parse_args(argv)
+    if args.sources:
+        try:
+            missing = source_imports_missing(args.sources)
+        except (FileNotFoundError, NotADirectoryError, SyntaxError) as exc:
+            print(f"gpu_preflight: {exc}", file=sys.stderr)
+            return 2
+        for tree, modules in missing.items():
+            print(f"gpu_preflight: {tree} imports {', '.join(sorted(modules))}, which the GPU machine lacks: carry "
+                  "their wheels too (gpu_session.sh WHEEL_DIR), or the `cuda` backend will not import there",
+                  file=sys.stderr)
+        if not missing:
+            print(f"gpu_preflight: the kernel sources in {args.sources} import only what the GPU machine has")
+        return 1 if missing else 0
     if args.wheels:
         try:
             pins = [f"{name}=={metadata.version(name)}" for name in CARRY]

@@ -10,7 +10,8 @@ the rows scale_pairs.txt had printed). Targets (one GPU, bf16):
 - MFU >= 25% for both families at every preset >= 100M parameters (the best row; its batch is named);
 - the 1B pair trains on one 80 GB GPU: a row of each family at 1b (plain or checkpointed) whose peak memory is at
   most --memory-gib (an 80 GB card leaves about 78 GiB to a program);
-- Triton scan backward / forward <= 2 at L = 90 and L = 3072, for the kernel pair the tables ran.
+- Triton scan backward / forward <= 2 at L = 90 and L = 3072, for the kernel pair the tables ran;
+and whether mamba_ssm's kernels (`cuda`, built from KERNEL_SRC_DIR) were timed beside `triton` (the fused step).
 A target whose rows are missing (a failed or cut step) reads "not measured", never "met".
 """
 from __future__ import annotations
@@ -91,6 +92,22 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "not met")
 
 
+def cuda_comparison(steps: list[dict]) -> tuple[str, str, str]:
+    """mamba_ssm's kernels (`cuda`) against `triton` (its faster row, fused conv off or on) in the fused step's
+    MambaDM training step: the issue keeps `cuda` selectable and compared in the same run."""
+    ran = [r for r in steps if r.get("family") == "mambadm" and r.get("step_ms")]
+    triton = min((r for r in ran if r["backend"] == "triton"), key=lambda r: r["step_ms"], default=None)
+    cuda = next((r for r in ran if r["backend"] == "cuda"), None)
+    failed = next((r["failed"] for r in steps if r.get("backend") == "cuda" and "failed" in r), None)
+    target = "`cuda` (mamba_ssm) compared with `triton` in the same run"
+    if triton is None or cuda is None:
+        why = f"cuda row: {failed}" if failed else "no cuda row (KERNEL_SRC_DIR not given, or its build failed)"
+        return target, why if triton or failed else "-", "not measured"
+    return target, (f"MambaDM {cuda['size']} batch {cuda['batch']}: triton {triton['step_ms']:.1f} ms (fused conv "
+                    f"{triton['fused_conv']}), cuda {cuda['step_ms']:.1f} ms: triton "
+                    f"{cuda['step_ms'] / triton['step_ms']:.2f}x faster"), "compared"
+
+
 def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) rows, then the two defaults as (decision, evidence, choice)."""
     pairs = pair_rows(out)
@@ -147,7 +164,9 @@ def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
     faster = bool(chunked) and set(chunked) == set(serial) and all(chunked[s] < serial[s] for s in chunked)
     rows.append(("default scan: chunked", f"GPU tests passed {chunked_passed}; fwd + bwd faster than serial at "
                  f"every shape {faster}", "switch to chunked" if chunked_passed and faster else "keep serial"))
-    fused = [r for r in read_json(out / "bench_gpu_fused.json", "fused_steps") if r.get("fused_speedup")]
+    steps = read_json(out / "bench_gpu_fused.json", "fused_steps")
+    rows.append(cuda_comparison(steps))
+    fused = [r for r in steps if r.get("fused_speedup")]
     conv_passed = "== tests/test_triton_conv.py exit 0" in tests
     speedup = fused[0]["fused_speedup"] if fused else None
     rows.append(("default conv: fused Triton", f"GPU tests passed {conv_passed}; step speed-up "

@@ -50,3 +50,54 @@ def test_a_missing_package_stops_the_session_and_names_it():
     assert done.returncode == 1
     assert "cannot import zstandard" in done.stderr and "gpu_wheels.sh" in done.stderr, done.stderr[-2000:]
     assert preflight().returncode == 0
+
+
+def plant_tree(root: Path, package: str, files: dict[str, str], extension: str) -> None:
+    """An unpacked source distribution: NAME-VERSION/ with setup.py (building `extension`) and the package's files."""
+    tree = root / f"{package}-1.0"
+    (tree / package).mkdir(parents=True)
+    (tree / "setup.py").write_text(f'ext_modules = [CUDAExtension(\n    name="{extension}", sources=[])]\n')
+    for name, text in files.items():
+        (tree / package / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / package / name).write_text(text)
+
+
+def test_kernel_sources_may_import_only_what_the_machine_has(tmp_path):
+    plant_tree(tmp_path, "kern", {
+        "__init__.py": "import os\nfrom kern.ops.scan import scan\nfrom .util import helper\n",
+        "ops/__init__.py": "",
+        "ops/scan.py": "import torch\nimport kern_cuda\nfrom . import fused\ntry:\n    import tilelang\n"
+                       "except ImportError:\n    tilelang = None\ndef later():\n    import cutlass\n",
+        "ops/fused.py": "from einops import rearrange\n",
+        "util.py": "from huggingface_hub import hf_hub_download\nimport other_kernel\n",
+        "unused.py": "import not_imported_by_anyone\n"}, extension="kern_cuda")
+    plant_tree(tmp_path, "other_kernel", {"__init__.py": "import other_kernel_cuda\n"}, extension="other_kernel_cuda")
+    imports = gpu_preflight.unguarded_imports(tmp_path / "kern-1.0", "kern")
+    assert imports == {"os", "torch", "kern_cuda", "einops", "huggingface_hub", "other_kernel"}, imports
+    assert gpu_preflight.source_imports_missing(tmp_path) == {}  # stdlib, image, built extensions, sibling tree
+    (tmp_path / "kern-1.0" / "kern" / "ops" / "fused.py").write_text("import flash_attn\nimport einops\n")
+    assert gpu_preflight.source_imports_missing(tmp_path) == {"kern-1.0": {"flash_attn"}}
+    done = preflight("--sources", str(tmp_path))
+    assert done.returncode == 1 and "kern-1.0 imports flash_attn, which the GPU machine lacks" in done.stderr
+    done = preflight("--sources", str(tmp_path / "kern-1.0" / "kern"))
+    assert done.returncode == 2 and "no unpacked source tree" in done.stderr, done.stderr
+
+
+def test_kernel_sources_download_trimmed_and_checked(tmp_path):
+    """benchmarks/gpu_kernel_sources.sh (from PyPI): both trees unpacked, trimmed for the lean build, their imports
+    on the GPU image; a folder holding other files is refused and left alone."""
+    target = tmp_path / "kernels"
+    script = ["bash", "benchmarks/gpu_kernel_sources.sh", str(target)]
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trees = sorted(p.name for p in target.iterdir())
+    assert [t.split("-")[0] for t in trees] == ["causal_conv1d", "mamba_ssm"], trees
+    mamba, conv = (target / t for t in reversed(trees))
+    assert "selective_scan_cuda was built lean (LEAN=1)" in (mamba / "csrc/selective_scan/static_switch.h").read_text()
+    assert "causal_conv1d_cuda was built lean (LEAN=1)" in (conv / "csrc/causal_conv1d_fwd.cu").read_text()
+    assert "import only what the GPU machine has" in done.stdout
+    (target / "notes.txt").write_text("mine")
+    refused = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "holds files other than kernel sources" in refused.stderr
+    assert sorted(p.name for p in target.iterdir()) == sorted(trees + ["notes.txt"])

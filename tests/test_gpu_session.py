@@ -16,10 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_session_dry_run_writes_every_table(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = tmp_path / "out"
-    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    out, kernels = tmp_path / "out", tmp_path / "kernels"
+    kernels.mkdir()
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(out), str(kernels)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "build.log").read_text().startswith("DRY_RUN: no kernel build"), (out / "build.log").read_text()
     tests = (out / "scale_tests.txt").read_text()
     assert tests.count(" exit 0") == 2 and "test_outputs_and_gradients_match_ref" in tests, tests[-2000:]
     assert "test_outputs_and_gradients_match_the_pytorch_conv" in tests, tests[-2000:]
@@ -46,6 +48,7 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
     assert "profile: mambadm xs" in profile and profile.rstrip().endswith("exit 0"), profile[-2000:]
     assert "scale steps done" in (out / "env.txt").read_text()
     assert "| target | measured | status |" in done.stdout and "| default scan: chunked |" in done.stdout
+    assert "| `cuda` (mamba_ssm) compared with `triton` in the same run | no cuda row" in done.stdout, done.stdout
     # a pairs step cut before it writes its JSON: gpu_targets.py reads the same rows from what the step printed
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_targets

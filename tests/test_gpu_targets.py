@@ -31,9 +31,13 @@ def session(tmp_path: Path, mambadm_speed: float, chunked_bwd: float, fused_spee
                   {"family": "mambadm", "size": size, "batch": 256, "grad_checkpoint": False, "oom": True}]
     pairs.append(row("mambadm", "1b", 256, 5e5, 0.2, 30.0, ckpt=True))
     (out / "bench_gpu_pairs.json").write_text(json.dumps({"device": "H100", "pairs": pairs}))
+    fused = {"size": "xxl", "batch": 256}
     (out / "bench_gpu_fused.json").write_text(json.dumps({"fused_steps": [
-        {"family": "dt", "fused_speedup": None}, {"family": "mambadm", "fused_conv": False, "fused_speedup": None},
-        {"family": "mambadm", "fused_conv": True, "fused_speedup": fused_speedup}]}))
+        {**fused, "family": "dt", "backend": "-", "fused_conv": None, "step_ms": 50.0, "fused_speedup": None},
+        {**fused, "family": "mambadm", "backend": "triton", "fused_conv": False, "step_ms": 120.0,
+         "fused_speedup": None},
+        {**fused, "family": "mambadm", "backend": "triton", "fused_conv": True, "step_ms": 120.0 / fused_speedup,
+         "fused_speedup": fused_speedup}]}))
     table = ["| kernel | rows | L | d_inner | segment | fwd ms | bwd ms | bwd / fwd | grads |", "|---|---|---|---|---|---|---|---|---|"]
     for kernel, bwd in (("chunked", chunked_bwd), ("serial", 4.0)):
         for rows, length, seg in ((256, 90, "None"), (256, 90, "15"), (16, 3072, "None")):
@@ -108,3 +112,24 @@ def test_pair_rows_read_from_the_printed_table_when_the_json_is_missing(tmp_path
 def gpu_targets_header() -> str:
     return ("| family | size | backend | ckpt | params | batch | K | step ms | tokens/s | TFLOP/s | MFU | peak GiB |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def test_cuda_compared_with_triton_when_its_row_ran(tmp_path):
+    out = session(tmp_path, 1.05, 1.8, 1.2)  # triton: 120 ms with the fused conv off, 100 ms with it on
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "`cuda` (mamba_ssm)") == "not measured"
+    assert "no cuda row" in next(m for t, m, _ in rows if t.startswith("`cuda`"))
+    fused = json.loads((out / "bench_gpu_fused.json").read_text())
+    cuda = {"family": "mambadm", "size": "xxl", "backend": "cuda", "fused_conv": None, "batch": 256}
+    fused["fused_steps"].append({**cuda, "failed": "failed: RuntimeError: selective_scan_cuda was built lean"})
+    (out / "bench_gpu_fused.json").write_text(json.dumps(fused))
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "`cuda` (mamba_ssm)") == "not measured"
+    assert "built lean" in next(m for t, m, _ in rows if t.startswith("`cuda`"))
+    fused["fused_steps"][-1] = {**cuda, "step_ms": 340.0, "tokens_per_s": 67764.7}
+    (out / "bench_gpu_fused.json").write_text(json.dumps(fused))
+    rows = gpu_targets.evaluate(out, 78.0)
+    measured = next(m for t, m, _ in rows if t.startswith("`cuda`"))
+    assert status(rows, "`cuda` (mamba_ssm)") == "compared"
+    assert "triton 100.0 ms (fused conv True), cuda 340.0 ms: triton 3.40x faster" in measured, measured
+    assert status(rows, "default conv") == "switch on"  # the cuda row leaves the fused conv's decision alone
