@@ -2,6 +2,7 @@
 
     python benchmarks/bench_triton_scan.py [--kernels chunked serial] [--blocks 16 32 64 128] [--warps 1 2 4 8]
         [--chunks 4 8 16] [--no-sweep] [--device cuda]
+    python benchmarks/bench_triton_scan.py --pick FILE [--kernels chunked serial] [--pick-budget-s 60]
 
 First table: for each kernel pair (scan_triton.KERNELS) at its default launch, the forward alone and the backward
 alone (ms, CUDA events, median of 20 after 3 warm-ups) and their ratio, at L = 90 (MambaDM's K = 30 rows, global and
@@ -15,6 +16,13 @@ checks each launch's output and gradients against the default's (max relative di
 computes something else shows. Shapes: MambaDM xxl at K = 30 and batch 256 (global branch: rows of 90 tokens;
 local: the same rows restarted every 15), and one long row set (16 x 3072). --device cpu: a dry run of the script
 in Triton's interpreter (set TRITON_INTERPRET=1), at tiny shapes.
+
+--pick FILE: instead of the tables, the launch a training step should use on this card. A short list of launches
+(PICK_CANDIDATES, the defaults first) of the --kernels pairs is timed, forward + backward, on MambaDM xxl's two
+scans at K = 30 and batch 256 (global rows of 90 tokens, local rows restarted every 15); a launch whose outputs or
+gradients differ from its pair's default launch by more than bfloat16 rounding explains (PICK_TOLERANCE) is left
+out; no new launch is tried once --pick-budget-s have passed. FILE gets the fastest as shell exports
+(MAMBADM_TRITON_SCAN, MAMBADM_TRITON_LAUNCH; `. FILE` before training), written only when a launch ran.
 """
 from __future__ import annotations
 
@@ -32,6 +40,13 @@ from mambadm.ssm import scan_triton  # noqa: E402
 from mambadm.ssm.scan_triton import selective_scan_triton  # noqa: E402
 
 SHAPES = [(256, 90, 1024, None), (256, 90, 1024, 15), (16, 3072, 1024, None)]  # rows, L, d_inner, segment
+# --pick: (kernel, channels per program, warps, tokens per chunk); each pair's default launch first, then launches
+# whose backward ptxas fits in fewer registers per thread (more warps per SM) without spilling, for sm_90 and bf16
+# (tests/test_triton_compile.py prints each one's registers and spills; benchmarks/RESULTS.md, "GPU scale").
+PICK_CANDIDATES = [("chunked", 16, 4, 8), ("serial", 64, 4, None), ("chunked", 8, 4, 4), ("chunked", 16, 4, 4),
+                   ("chunked", 8, 8, 4), ("chunked", 32, 8, 4), ("chunked", 32, 4, 4), ("chunked", 16, 8, 8),
+                   ("serial", 64, 8, None), ("serial", 128, 8, None)]
+PICK_TOLERANCE = 3e-2  # max relative difference of outputs and gradients from the default launch (bf16 inputs)
 
 
 def make_inputs(rows: int, length: int, d_inner: int, device: str, d_state: int = 16) -> dict:
@@ -120,6 +135,49 @@ def timed(fn, device: str, warmup: int = 3, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def pick_launch(kernels: list[str], device: str, budget_s: float, path: Path) -> dict | None:
+    """Times PICK_CANDIDATES of `kernels` on MambaDM's two scan shapes and writes the fastest correct one to `path`."""
+    shapes = [s for s in SHAPES if s[1] == 90] if device == "cuda" else [(2, 12, 16, None), (2, 12, 16, 6)]
+    warmup, repeats = (3, 20) if device == "cuda" else (0, 1)
+    candidates = [c for c in PICK_CANDIDATES if c[0] in kernels]
+    if device != "cuda":  # the interpreter: one launch per pair, blocks that fit 16 channels
+        candidates = [(k, min(block, 8), warps, chunk) for k, block, warps, chunk in
+                      [next(c for c in candidates if c[0] == k) for k in dict.fromkeys(c[0] for c in candidates)]]
+    inputs = [(make_inputs(rows, length, d_inner, device), segment) for rows, length, d_inner, segment in shapes]
+    grads = [torch.randn(rows, d_inner, length, device=device).to(torch.bfloat16) for rows, length, d_inner, _ in shapes]
+    print(f"\n| kernel | block | warps | chunk | {' | '.join(f'L {s[1]} seg {s[3]} fwd+bwd ms' for s in shapes)} | "
+          f"total ms | vs first | max rel. diff vs its default |\n|{'---|' * (len(shapes) + 7)}")
+    started, rows, reference = time.time(), [], {}
+    for kernel, block, warps, chunk in candidates:
+        if rows and time.time() - started > budget_s:
+            print(f"(budget of {budget_s:.0f} s spent: {len(candidates) - len(rows)} launches not tried)")
+            break
+        scan_triton.LAUNCH.update(kernel=kernel, block_channels=block, num_warps=warps, chunk=chunk)
+        label = f"| {kernel} | {block} | {warps} | {chunk} |"
+        try:
+            results = [run(x, segment, g) for (x, segment), g in zip(inputs, grads)]
+            ms = [timed(lambda: run(x, segment, g), device, warmup, repeats) for (x, segment), g in zip(inputs, grads)]
+        except Exception as exc:  # a launch the compiler or the card refuses (too many registers)
+            print(f"{label} failed: {type(exc).__name__}: {str(exc)[:160]} |{' |' * (len(shapes) + 2)}", flush=True)
+            continue
+        reference.setdefault(kernel, results)  # the pair's first launch tried: its default
+        diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                   for mine, ref in zip(results, reference[kernel]) for a, b in zip(mine, ref))
+        rows.append({"kernel": kernel, "block": block, "warps": warps, "chunk": chunk, "ms": sum(ms), "diff": diff})
+        print(f"{label} {' | '.join(f'{m:.3f}' for m in ms)} | {sum(ms):.3f} | {rows[0]['ms'] / sum(ms):.2f}x | "
+              f"{diff:.1e}{'' if diff <= PICK_TOLERANCE else ' (left out)'} |", flush=True)
+    scan_triton.LAUNCH.update(kernel=None, block_channels=None, num_warps=None, chunk=None)
+    ran = [r for r in rows if r["diff"] <= PICK_TOLERANCE]
+    if not ran:
+        print(f"no launch ran correctly: {path} not written")
+        return None
+    best = min(ran, key=lambda r: r["ms"])
+    launch = f"block={best['block']},warps={best['warps']}" + (f",chunk={best['chunk']}" if best["chunk"] else "")
+    path.write_text(f"export MAMBADM_TRITON_SCAN={best['kernel']}\nexport MAMBADM_TRITON_LAUNCH={launch}\n")
+    print(f"picked: {best['kernel']} {launch} ({rows[0]['ms'] / best['ms']:.2f}x the first launch tried): {path}")
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", nargs="*", default=list(scan_triton.KERNELS))
@@ -128,6 +186,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="*", default=[4, 8, 16], help="tokens per tile (chunked kernels)")
     p.add_argument("--no-sweep", action="store_true", help="only the backward / forward table")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--pick", type=Path, metavar="FILE", help="write the fastest launch of PICK_CANDIDATES to FILE")
+    p.add_argument("--pick-budget-s", type=float, default=60.0, help="--pick: try no new launch after this")
     args = p.parse_args()
     unknown = sorted(set(args.kernels) - set(scan_triton.KERNELS))
     if unknown:
@@ -144,6 +204,9 @@ def main() -> None:
     defaults = {k: (scan_triton._block(1024, k), scan_triton._warps(), scan_triton._chunk(k)) for k in args.kernels}
     print(f"{name}; torch {torch.__version__}; default launch (channels per program for d_inner > 256, warps, "
           f"tokens per chunk): {defaults}")
+    if args.pick:
+        pick_launch(args.kernels, args.device, args.pick_budget_s, args.pick)
+        return
     ratio_table(args.kernels, shapes, args.device, warmup, repeats)
     if args.no_sweep:
         return

@@ -15,7 +15,7 @@
 # Environment: LEAN=0 builds the untrimmed kernels (default 1, see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
 # Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
 # bench_gpu_fused.json, train_100m.log) and prints the targets' verdicts (gpu_targets.py); the earlier sweeps
-# (steps 1-5) run after it only with FULL=1. Step 0 writes ten files (build.log with KERNEL_SRC_DIR); where fewer can
+# (steps 1-5) run after it only with FULL=1. Step 0 writes twelve files (build.log with KERNEL_SRC_DIR); where fewer can
 # be fetched back, write them to a scratch folder and pack it, inside the call's limit:
 #     benchmarks/gpu_wheels.sh .whl; benchmarks/gpu_kernel_sources.sh .kernels   # beforehand, on a machine with
 #                                          # PyPI; send .whl, .kernels and the shards along
@@ -88,7 +88,9 @@ start_build
 #    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), the fused triton
 #       conv + SiLU against the PyTorch conv and the mixer against ref (forward and gradients); one pytest per file.
 #    (the kernel build, when KERNEL_SRC_DIR is given, runs beside a. and is waited for before b.)
-#    b. the triton scan's backward / forward time per kernel pair at L = 90 and 3072 (target <= 2).
+#    b. the triton scan's backward / forward time per kernel pair at L = 90 and 3072 (target <= 2); then the
+#       fastest launch of a short list on MambaDM's scan shapes (bench_triton_scan.py --pick: scale_launch.txt,
+#       scan_launch.env), which the later steps run.
 #    c. the fused conv ($MAMBADM_TRITON_FUSED): its parity against ref through the mixer (with and without the local
 #       windows), then MambaDM's largest-preset training step on triton with it off and on, on cuda where mamba_ssm
 #       imports (built from KERNEL_SRC_DIR), and DT's at the same batch (scale_fused.txt, bench_gpu_fused.json).
@@ -119,6 +121,15 @@ fi
 use_build
 timeout 90 python3 benchmarks/bench_triton_scan.py --no-sweep $dev > "$out/scale_triton_ratio.txt" 2>&1
 echo "exit $?" >> "$out/scale_triton_ratio.txt"
+pick=(chunked serial); [ "$MAMBADM_TRITON_SCAN" = serial ] && pick=(serial)
+timeout 90 python3 benchmarks/bench_triton_scan.py --pick "$out/scan_launch.env" --pick-budget-s 45 \
+    --kernels "${pick[@]}" $dev > "$out/scale_launch.txt" 2>&1
+echo "exit $?" >> "$out/scale_launch.txt"
+if [ -s "$out/scan_launch.env" ]; then
+    . "$out/scan_launch.env"  # the launch every later step runs
+    echo "tables with MAMBADM_TRITON_SCAN=$MAMBADM_TRITON_SCAN MAMBADM_TRITON_LAUNCH=$MAMBADM_TRITON_LAUNCH" \
+        | tee -a "$out/scale_tests.txt"
+fi
 timeout 120 python3 benchmarks/bench_gpu.py --parts fused $dev $fused --json "$out/bench_gpu_fused.json" \
     > "$out/scale_fused.txt" 2>&1
 echo "exit $?" >> "$out/scale_fused.txt"

@@ -10,8 +10,10 @@ the rows scale_pairs.txt had printed). Targets (one GPU, bf16):
 - MFU >= 25% for both families at every preset >= 100M parameters (the best row; its batch is named);
 - the 1B pair trains on one 80 GB GPU: a row of each family at 1b (plain or checkpointed) whose peak memory is at
   most --memory-gib (an 80 GB card leaves about 78 GiB to a program);
-- Triton scan backward / forward <= 2 at L = 90 and L = 3072, for the kernel pair the tables ran;
-and whether mamba_ssm's kernels (`cuda`, built from KERNEL_SRC_DIR) were timed beside `triton` (the fused step).
+- Triton scan backward / forward <= 2 at L = 90 and L = 3072 (default launches), for the kernel pair the tables
+  ran (scan_launch.env, the launch bench_triton_scan.py --pick chose, else the pair whose GPU tests passed);
+and the launch picked, whether mamba_ssm's kernels (`cuda`, built from KERNEL_SRC_DIR) were timed beside `triton`
+(the fused step).
 A target whose rows are missing (a failed or cut step) reads "not measured", never "met".
 """
 from __future__ import annotations
@@ -83,6 +85,16 @@ def ratio_rows(path: Path) -> list[dict]:
     return rows
 
 
+def launch_exports(path: Path) -> dict[str, str]:
+    """The variables scan_launch.env exports (bench_triton_scan.py --pick): {} when the pick wrote none."""
+    exports = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if sep and name in ("MAMBADM_TRITON_SCAN", "MAMBADM_TRITON_LAUNCH"):
+            exports[name] = value.strip()
+    return exports
+
+
 def best(rows: list[dict], key: str) -> dict | None:
     ran = [r for r in rows if r.get(key) is not None and not r.get("oom") and "failed" not in r]
     return max(ran, key=lambda r: r[key]) if ran else None
@@ -149,7 +161,8 @@ def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
 
     scan = ratio_rows(out / "scale_triton_ratio.txt")
     tests = (out / "scale_tests.txt").read_text() if (out / "scale_tests.txt").is_file() else ""
-    kernel = "serial" if "MAMBADM_TRITON_SCAN=serial" in tests else "chunked"
+    picked = launch_exports(out / "scan_launch.env")
+    kernel = picked.get("MAMBADM_TRITON_SCAN") or ("serial" if "MAMBADM_TRITON_SCAN=serial" in tests else "chunked")
     mine = [r for r in scan if r["kernel"] == kernel]
     lengths = {r["L"] for r in mine}
     rows.append((f"Triton scan backward / forward <= 2 at L = 90 and 3072 ({kernel})",
@@ -164,6 +177,11 @@ def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
     faster = bool(chunked) and set(chunked) == set(serial) and all(chunked[s] < serial[s] for s in chunked)
     rows.append(("default scan: chunked", f"GPU tests passed {chunked_passed}; fwd + bwd faster than serial at "
                  f"every shape {faster}", "switch to chunked" if chunked_passed and faster else "keep serial"))
+    launch_text = (out / "scale_launch.txt").read_text() if (out / "scale_launch.txt").is_file() else ""
+    pick_line = next((line for line in launch_text.splitlines() if line.startswith("picked: ")), "")
+    rows.append(("launch the tables ran (bench_triton_scan.py --pick)",
+                 pick_line.removeprefix("picked: ").split(": ")[0] if picked and pick_line else "-",
+                 "make it the default" if picked and pick_line else "not measured"))
     steps = read_json(out / "bench_gpu_fused.json", "fused_steps")
     rows.append(cuda_comparison(steps))
     fused = [r for r in steps if r.get("fused_speedup")]

@@ -30,6 +30,12 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
     rows = [line.split("|") for line in ratio.splitlines() if line.startswith(("| chunked", "| serial"))]
     assert {r[1].strip() for r in rows} == {"chunked", "serial"} and len(rows) == 4, ratio
     assert all(float(r[9]) < 1e-4 for r in rows), ratio  # the gradients against ref, per kernel
+    launch = (out / "scale_launch.txt").read_text()
+    picked = [line.split("|") for line in launch.splitlines() if line.startswith(("| chunked", "| serial"))]
+    assert launch.rstrip().endswith("exit 0") and len(picked) == 2, launch
+    exports = (out / "scan_launch.env").read_text()
+    assert exports.startswith("export MAMBADM_TRITON_SCAN=") and "export MAMBADM_TRITON_LAUNCH=block=" in exports
+    assert f"tables with MAMBADM_TRITON_SCAN={exports.split('=')[1].split()[0]}" in tests, tests[-2000:]
     fused = (out / "scale_fused.txt").read_text()
     assert fused.rstrip().endswith("exit 0") and "failed" not in fused, fused[-2000:]
     parity = [line.split("|") for line in fused.splitlines() if line.startswith("| triton, fused conv")]
@@ -49,6 +55,8 @@ def test_gpu_session_dry_run_writes_every_table(tmp_path):
     assert "scale steps done" in (out / "env.txt").read_text()
     assert "| target | measured | status |" in done.stdout and "| default scan: chunked |" in done.stdout
     assert "| `cuda` (mamba_ssm) compared with `triton` in the same run | no cuda row" in done.stdout, done.stdout
+    assert "| launch the tables ran (bench_triton_scan.py --pick) | " in done.stdout and \
+        "| make it the default |" in done.stdout, done.stdout
     # a pairs step cut before it writes its JSON: gpu_targets.py reads the same rows from what the step printed
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_targets

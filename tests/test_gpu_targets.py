@@ -133,3 +133,19 @@ def test_cuda_compared_with_triton_when_its_row_ran(tmp_path):
     assert status(rows, "`cuda` (mamba_ssm)") == "compared"
     assert "triton 100.0 ms (fused conv True), cuda 340.0 ms: triton 3.40x faster" in measured, measured
     assert status(rows, "default conv") == "switch on"  # the cuda row leaves the fused conv's decision alone
+
+
+def test_the_picked_launch_decides_which_pair_the_ratio_target_reads(tmp_path):
+    out = session(tmp_path, 1.05, 1.8, 1.2)  # chunked: backward 1.8x its forward, serial: 4x
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "launch the tables ran") == "not measured" and status(rows, "Triton scan") == "met"
+    (out / "scan_launch.env").write_text("export MAMBADM_TRITON_SCAN=serial\nexport MAMBADM_TRITON_LAUNCH=block=64,"
+                                         "warps=8\n")
+    (out / "scale_launch.txt").write_text("| serial | 64 | 8 | None | 1.2 | 1.1 | 2.3 | 1.30x | 2.0e-03 |\n"
+                                          "picked: serial block=64,warps=8 (1.30x the first launch tried): "
+                                          "/tmp/s/scan_launch.env\nexit 0\n")
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "launch the tables ran") == "make it the default"
+    assert next(m for t, m, _ in rows if t.startswith("launch the tables ran")) == \
+        "serial block=64,warps=8 (1.30x the first launch tried)"
+    assert status(rows, "Triton scan backward / forward <= 2 at L = 90 and 3072 (serial)") == "not met"

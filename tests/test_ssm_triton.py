@@ -131,12 +131,19 @@ def test_unavailable_on_cpu_without_the_interpreter(monkeypatch):
         resolve_backend("triton", "cpu")
 
 
-def test_chunk_length_is_a_launch_choice(monkeypatch):
-    """Chunks of 4 tokens (LAUNCH["chunk"]) over 10 tokens restarted every 3: the same outputs and gradients."""
+@pytest.mark.parametrize("given_by", ["LAUNCH", "environment"])
+def test_chunk_length_is_a_launch_choice(monkeypatch, given_by):
+    """Chunks of 4 tokens over 10 tokens restarted every 3 (8 channels in blocks of 4, 2 warps; set in LAUNCH or in
+    $MAMBADM_TRITON_LAUNCH, as bench_triton_scan.py --pick writes it): the same outputs and gradients."""
     from mambadm.ssm import scan_triton
 
     monkeypatch.setitem(scan_triton.LAUNCH, "kernel", "chunked")
-    monkeypatch.setitem(scan_triton.LAUNCH, "chunk", 4)
+    if given_by == "LAUNCH":
+        for key, value in (("chunk", 4), ("block_channels", 4), ("num_warps", 2)):
+            monkeypatch.setitem(scan_triton.LAUNCH, key, value)
+    else:
+        monkeypatch.setenv("MAMBADM_TRITON_LAUNCH", "chunk=4, block=4,warps=2")
+    assert (scan_triton._chunk("chunked"), scan_triton._block(8, "chunked"), scan_triton._warps()) == (4, 4, 2)
     x = inputs(1, 8, 4, 10, seed=3)
     kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)
     out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="triton", segment=3, **kw)
@@ -147,6 +154,25 @@ def test_chunk_length_is_a_launch_choice(monkeypatch):
     for name, a, b in zip("u delta A B C D z delta_bias".split(), torch.autograd.grad(out, leaves, grad),
                           torch.autograd.grad(ref, leaves, grad)):
         assert rel(a, b) < 1e-4, name
+
+
+def test_the_launch_environment_variable_is_checked_and_yields_to_launch(monkeypatch):
+    from mambadm.ssm import scan_triton
+
+    monkeypatch.setenv("MAMBADM_TRITON_LAUNCH", "block=32,warps=8,tile_scan=sequential")
+    assert (scan_triton._block(1024, "chunked"), scan_triton._warps(), scan_triton._chunk("chunked")) == (32, 8, 8)
+    assert scan_triton._chunked_flags("chunked") == {"SEQUENTIAL": True}
+    assert scan_triton._chunk("serial") == scan_triton.CHUNK  # the serial pair's checkpoint spacing stays
+    monkeypatch.setitem(scan_triton.LAUNCH, "block_channels", 64)  # set in-process (a benchmark's sweep): it wins
+    assert (scan_triton._block(1024, "chunked"), scan_triton._warps()) == (64, 8)
+    for bad, message in (("block=24", r"block must be a power of two in \[1, 256\], got '24'"),
+                         ("warps=four", r"warps must be a power of two in \[1, 32\], got 'four'"),
+                         ("chunk=1", r"chunk must be a power of two in \[2, 64\], got '1'"),
+                         ("threads=4", r"'threads=4' is not KEY=VALUE with KEY one of \['block', 'warps'"),
+                         ("tile_scan=parallel", r"tile_scan must be one of \['associative', 'sequential'\]")):
+        monkeypatch.setenv("MAMBADM_TRITON_LAUNCH", bad)
+        with pytest.raises(ValueError, match=r"\$MAMBADM_TRITON_LAUNCH: " + message):
+            scan_triton._setting("chunk")  # any key: the whole variable is read
 
 
 @pytest.mark.parametrize("tile_scan", ["associative", "sequential"])

@@ -40,9 +40,15 @@ KERNELS = ("chunked", "serial")
 # benchmarks/bench_triton_scan.py sweeps them on a GPU.
 # "tile_scan" (chunked): "associative" (tl.associative_scan) or "sequential" (the chunk's tokens one by one in
 # registers); None = sequential in Triton's interpreter (fast there), associative compiled.
+# A key left None here is read from $MAMBADM_TRITON_LAUNCH ("block=32,warps=4,chunk=16,tile_scan=associative", any
+# subset) before the default: what `bench_triton_scan.py --pick` writes for a card, so a run uses the launch picked
+# there without a code change.
 LAUNCH: dict[str, int | str | None] = {"kernel": None, "block_channels": None, "num_warps": None, "chunk": None,
                                        "tile_scan": None}
 TILE_SCANS = ("associative", "sequential")
+LAUNCH_ENV = "MAMBADM_TRITON_LAUNCH"
+_ENV_KEYS = {"block": "block_channels", "warps": "num_warps", "chunk": "chunk", "tile_scan": "tile_scan"}
+_POWERS_OF_TWO = {"block_channels": (1, 256), "num_warps": (1, 32), "chunk": (2, 64)}
 
 
 @lru_cache(maxsize=1)
@@ -66,6 +72,35 @@ def triton_missing(device: torch.device | str) -> str | None:
     if torch.device(device).type == "cuda" or interpreted():
         return None
     return "the triton kernels need CUDA tensors (or TRITON_INTERPRET=1, the slow interpreter used by the tests)"
+
+
+@lru_cache(maxsize=8)
+def _env_launch(text: str) -> dict[str, int | str]:
+    """$MAMBADM_TRITON_LAUNCH parsed into LAUNCH's keys; a ValueError naming the variable and the bad item."""
+    launch: dict[str, int | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in _ENV_KEYS:
+            raise ValueError(f"${LAUNCH_ENV}: {item!r} is not KEY=VALUE with KEY one of {list(_ENV_KEYS)} (got "
+                             f"{text!r})")
+        name, value = _ENV_KEYS[key.strip()], value.strip()
+        if name == "tile_scan":
+            if value not in TILE_SCANS:
+                raise ValueError(f"${LAUNCH_ENV}: tile_scan must be one of {list(TILE_SCANS)}, got {value!r}")
+            launch[name] = value
+            continue
+        low, high = _POWERS_OF_TWO[name]
+        if not value.isdigit() or int(value) & (int(value) - 1) or not low <= int(value) <= high:
+            raise ValueError(f"${LAUNCH_ENV}: {key.strip()} must be a power of two in [{low}, {high}], got {value!r}")
+        launch[name] = int(value)
+    return launch
+
+
+def _setting(key: str) -> int | str | None:
+    """LAUNCH[key], else the launch $MAMBADM_TRITON_LAUNCH names, else None (the built-in default)."""
+    if LAUNCH[key] is not None:
+        return LAUNCH[key]
+    return _env_launch(os.environ.get(LAUNCH_ENV, "")).get(key)
 
 
 def _kernel() -> str:
@@ -95,20 +130,18 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
 
 
 def _block(Dn: int, kernel: str = "serial") -> int:
-    if LAUNCH["block_channels"]:
-        return LAUNCH["block_channels"]
-    return 16 if kernel == "chunked" else (32 if Dn <= 256 else 64)
+    return _setting("block_channels") or (16 if kernel == "chunked" else (32 if Dn <= 256 else 64))
 
 
 def _warps() -> int:
-    return LAUNCH["num_warps"] or 4
+    return _setting("num_warps") or 4
 
 
 def _chunked_flags(kernel: str) -> dict[str, bool]:
     """The chunked kernels' compile-time switch (none for the serial ones)."""
     if kernel != "chunked":
         return {}
-    scan = LAUNCH["tile_scan"] or ("sequential" if interpreted() else "associative")
+    scan = _setting("tile_scan") or ("sequential" if interpreted() else "associative")
     if scan not in TILE_SCANS:
         raise ValueError(f"LAUNCH['tile_scan'] must be one of {list(TILE_SCANS)} or None, got {scan!r}")
     return {"SEQUENTIAL": scan == "sequential"}
@@ -116,7 +149,7 @@ def _chunked_flags(kernel: str) -> dict[str, bool]:
 
 def _chunk(kernel: str) -> int:
     """Tokens per chunk: between saved states (serial), or the length of a register tile (chunked)."""
-    return CHUNK if kernel == "serial" else (LAUNCH["chunk"] or 8)
+    return CHUNK if kernel == "serial" else (_setting("chunk") or 8)
 
 
 def _explained(kernel):
