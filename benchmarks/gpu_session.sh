@@ -19,7 +19,7 @@
 # be fetched back, write them to a scratch folder and pack it, inside the call's limit:
 #     benchmarks/gpu_wheels.sh .whl; benchmarks/gpu_kernel_sources.sh .kernels   # beforehand, on a machine with
 #                                          # PyPI; send .whl, .kernels and the shards along
-#     timeout 540 benchmarks/gpu_session.sh /tmp/s .kernels .whl runs/hopper/shards; tar czf RETURNED/s.tgz -C /tmp s
+#     timeout 570 benchmarks/gpu_session.sh /tmp/s .kernels .whl runs/hopper/shards; tar czf RETURNED/s.tgz -C /tmp s
 # DRY_RUN=1: the same steps on this machine's CPU at tiny shapes (no GPU, the Triton interpreter, pytest only
 # collects, the `fast` backend where a GPU run has a fused one), so that the script cannot rot
 # (tests/test_gpu_session.py).
