@@ -174,7 +174,7 @@ def pick_launch(kernels: list[str], device: str, budget_s: float, path: Path) ->
     best = min(ran, key=lambda r: r["ms"])
     launch = f"block={best['block']},warps={best['warps']}" + (f",chunk={best['chunk']}" if best["chunk"] else "")
     path.write_text(f"export MAMBADM_TRITON_SCAN={best['kernel']}\nexport MAMBADM_TRITON_LAUNCH={launch}\n")
-    print(f"picked: {best['kernel']} {launch} ({rows[0]['ms'] / best['ms']:.2f}x the first launch tried): {path}")
+    print(f"picked: {best['kernel']} {launch} ({rows[0]['ms'] / best['ms']:.2f}x the first launch that ran): {path}")
     return best
 
 

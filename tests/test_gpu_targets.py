@@ -142,10 +142,10 @@ def test_the_picked_launch_decides_which_pair_the_ratio_target_reads(tmp_path):
     (out / "scan_launch.env").write_text("export MAMBADM_TRITON_SCAN=serial\nexport MAMBADM_TRITON_LAUNCH=block=64,"
                                          "warps=8\n")
     (out / "scale_launch.txt").write_text("| serial | 64 | 8 | None | 1.2 | 1.1 | 2.3 | 1.30x | 2.0e-03 |\n"
-                                          "picked: serial block=64,warps=8 (1.30x the first launch tried): "
+                                          "picked: serial block=64,warps=8 (1.30x the first launch that ran): "
                                           "/tmp/s/scan_launch.env\nexit 0\n")
     rows = gpu_targets.evaluate(out, 78.0)
     assert status(rows, "launch the tables ran") == "make it the default"
     assert next(m for t, m, _ in rows if t.startswith("launch the tables ran")) == \
-        "serial block=64,warps=8 (1.30x the first launch tried)"
+        "serial block=64,warps=8 (1.30x the first launch that ran)"
     assert status(rows, "Triton scan backward / forward <= 2 at L = 90 and 3072 (serial)") == "not met"
