@@ -189,6 +189,8 @@ def main() -> None:
     p.add_argument("--pick", type=Path, metavar="FILE", help="write the fastest launch of PICK_CANDIDATES to FILE")
     p.add_argument("--pick-budget-s", type=float, default=60.0, help="--pick: try no new launch after this")
     args = p.parse_args()
+    if args.pick and not args.pick.parent.is_dir():
+        raise SystemExit(f"--pick {args.pick}: folder {args.pick.parent} does not exist")
     unknown = sorted(set(args.kernels) - set(scan_triton.KERNELS))
     if unknown:
         raise SystemExit(f"--kernels: unknown {unknown}; known: {list(scan_triton.KERNELS)}")

@@ -14,6 +14,10 @@ dir=${1:-.kernels}
 mamba=${MAMBA_SSM:-2.3.2.post1}
 conv=${CAUSAL_CONV1D:-1.7.0}
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -e "$dir" ] && [ ! -d "$dir" ]; then
+    echo "gpu_kernel_sources: $dir is not a folder" >&2
+    exit 2
+fi
 if [ -e "$dir" ] && [ -n "$(find "$dir" -mindepth 1 -maxdepth 1 ! -name 'mamba_ssm-*' ! -name 'causal_conv1d-*' \
         -print -quit)" ]; then
     echo "gpu_kernel_sources: $dir holds files other than kernel sources; name an empty or a sources-only folder" >&2

@@ -1,11 +1,11 @@
 """The issue-18 targets against what one run of benchmarks/gpu_session.sh (step 0) measured, as a markdown table,
-and the two defaults that run decides (the chunked Triton scan, the fused Triton conv).
+and what that run decides: the chunked Triton scan, the scan's launch, the fused Triton conv, `cuda` against `triton`.
 
     python benchmarks/gpu_targets.py OUT_DIR [--memory-gib 78]
 
 Reads OUT_DIR/env.txt (the card), scale_tests.txt (the compiled GPU tests), scale_triton_ratio.txt (backward /
-forward per kernel pair), bench_gpu_fused.json and bench_gpu_pairs.json (or, if its step was cut before writing it,
-the rows scale_pairs.txt had printed). Targets (one GPU, bf16):
+forward per kernel pair), scale_launch.txt and scan_launch.env (the launch picked), bench_gpu_fused.json and
+bench_gpu_pairs.json (or, if its step was cut before writing it, the rows scale_pairs.txt had printed). Targets (one GPU, bf16):
 - MambaDM tokens/s >= DT's at every parameter-matched pair from 28M (xxl) up: each family's best eager row;
 - MFU >= 25% for both families at every preset >= 100M parameters (the best row; its batch is named);
 - the 1B pair trains on one 80 GB GPU: a row of each family at 1b (plain or checkpointed) whose peak memory is at
@@ -95,6 +95,25 @@ def launch_exports(path: Path) -> dict[str, str]:
     return exports
 
 
+def launch_decision(path: Path, picked: dict[str, str]) -> tuple[str, str, str]:
+    """The launch bench_triton_scan.py --pick chose, and whether it differs from its pair's default launch (the
+    pair's first row in the pick's table: the defaults are tried first)."""
+    text = path.read_text() if path.is_file() else ""
+    line = next((line for line in text.splitlines() if line.startswith("picked: ")), "")
+    decision = "launch the tables ran (bench_triton_scan.py --pick)"
+    if not picked or not line:
+        return decision, "-", "not measured"
+    defaults: dict[str, dict[str, str]] = {}
+    for cells in map(table_cells, text.splitlines()):
+        if len(cells) > 4 and cells[0] in ("chunked", "serial") and cells[1].isdigit():
+            chunk = {} if cells[3] == "None" else {"chunk": cells[3]}
+            defaults.setdefault(cells[0], {"block": cells[1], "warps": cells[2], **chunk})
+    chosen = dict(item.split("=", 1) for item in picked.get("MAMBADM_TRITON_LAUNCH", "").split(",") if "=" in item)
+    default = defaults.get(picked.get("MAMBADM_TRITON_SCAN", ""))
+    return decision, line.removeprefix("picked: ").split(": ")[0], \
+        "keep its pair's default launch" if chosen == default else "make it the default"
+
+
 def best(rows: list[dict], key: str) -> dict | None:
     ran = [r for r in rows if r.get(key) is not None and not r.get("oom") and "failed" not in r]
     return max(ran, key=lambda r: r[key]) if ran else None
@@ -177,11 +196,7 @@ def evaluate(out: Path, memory_gib: float) -> list[tuple[str, str, str]]:
     faster = bool(chunked) and set(chunked) == set(serial) and all(chunked[s] < serial[s] for s in chunked)
     rows.append(("default scan: chunked", f"GPU tests passed {chunked_passed}; fwd + bwd faster than serial at "
                  f"every shape {faster}", "switch to chunked" if chunked_passed and faster else "keep serial"))
-    launch_text = (out / "scale_launch.txt").read_text() if (out / "scale_launch.txt").is_file() else ""
-    pick_line = next((line for line in launch_text.splitlines() if line.startswith("picked: ")), "")
-    rows.append(("launch the tables ran (bench_triton_scan.py --pick)",
-                 pick_line.removeprefix("picked: ").split(": ")[0] if picked and pick_line else "-",
-                 "make it the default" if picked and pick_line else "not measured"))
+    rows.append(launch_decision(out / "scale_launch.txt", picked))
     steps = read_json(out / "bench_gpu_fused.json", "fused_steps")
     rows.append(cuda_comparison(steps))
     fused = [r for r in steps if r.get("fused_speedup")]

@@ -13,6 +13,10 @@ pyver=${2:-3.12}
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 pins=$("$python" benchmarks/gpu_preflight.py --wheels) || exit 1  # it names a package not installed here
 read -r -a wheels <<< "$(echo $pins)"
+if [ -e "$dir" ] && [ ! -d "$dir" ]; then
+    echo "gpu_wheels: $dir is not a folder" >&2
+    exit 2
+fi
 if [ -e "$dir" ] && [ -n "$(find "$dir" -mindepth 1 -maxdepth 1 ! -name '*.whl' -print -quit)" ]; then
     echo "gpu_wheels: $dir holds files other than wheels; name an empty or a wheels-only folder" >&2
     exit 2

@@ -101,3 +101,14 @@ def test_kernel_sources_download_trimmed_and_checked(tmp_path):
     refused = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "holds files other than kernel sources" in refused.stderr
     assert sorted(p.name for p in target.iterdir()) == sorted(trees + ["notes.txt"])
+
+
+def test_download_scripts_refuse_a_file_as_their_folder(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    env = {**os.environ, "PYTHON": sys.executable}
+    for script in ("gpu_kernel_sources.sh", "gpu_wheels.sh"):
+        done = subprocess.run(["bash", f"benchmarks/{script}", str(target)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and f"{target} is not a folder" in done.stderr, (script, done.stderr)
+        assert target.read_text() == "mine"

@@ -141,11 +141,22 @@ def test_the_picked_launch_decides_which_pair_the_ratio_target_reads(tmp_path):
     assert status(rows, "launch the tables ran") == "not measured" and status(rows, "Triton scan") == "met"
     (out / "scan_launch.env").write_text("export MAMBADM_TRITON_SCAN=serial\nexport MAMBADM_TRITON_LAUNCH=block=64,"
                                          "warps=8\n")
-    (out / "scale_launch.txt").write_text("| serial | 64 | 8 | None | 1.2 | 1.1 | 2.3 | 1.30x | 2.0e-03 |\n"
-                                          "picked: serial block=64,warps=8 (1.30x the first launch that ran): "
+    table = ("| kernel | block | warps | chunk | L 90 seg None fwd+bwd ms | L 90 seg 15 fwd+bwd ms | total ms | vs first | "
+             "max rel. diff vs its default |\n|---|---|---|---|---|---|---|---|---|\n"
+             "| chunked | 16 | 4 | 8 | 1.6 | 1.4 | 3.0 | 1.00x | 0.0e+00 |\n"
+             "| serial | 64 | 4 | None | 1.6 | 1.5 | 3.1 | 0.97x | 0.0e+00 |\n"
+             "| serial | 64 | 8 | None | 1.2 | 1.1 | 2.3 | 1.30x | 2.0e-03 |\n")
+    (out / "scale_launch.txt").write_text(table + "picked: serial block=64,warps=8 (1.30x the first launch that ran): "
                                           "/tmp/s/scan_launch.env\nexit 0\n")
     rows = gpu_targets.evaluate(out, 78.0)
     assert status(rows, "launch the tables ran") == "make it the default"
     assert next(m for t, m, _ in rows if t.startswith("launch the tables ran")) == \
         "serial block=64,warps=8 (1.30x the first launch that ran)"
     assert status(rows, "Triton scan backward / forward <= 2 at L = 90 and 3072 (serial)") == "not met"
+    (out / "scan_launch.env").write_text("export MAMBADM_TRITON_SCAN=chunked\n"
+                                         "export MAMBADM_TRITON_LAUNCH=block=16,warps=4,chunk=8\n")
+    (out / "scale_launch.txt").write_text(table + "picked: chunked block=16,warps=4,chunk=8 (1.00x the first launch "
+                                          "that ran): /tmp/s/scan_launch.env\nexit 0\n")
+    rows = gpu_targets.evaluate(out, 78.0)
+    assert status(rows, "launch the tables ran") == "keep its pair's default launch"
+    assert status(rows, "Triton scan backward / forward <= 2 at L = 90 and 3072 (chunked)") == "met"

@@ -4,7 +4,7 @@ the mixer's flags (D, z, dt bias, softplus), float32 and bfloat16 activations. T
 kernels compute; this one checks that a GPU's compiler accepts them (e.g. the chunked scan's tl.associative_scan,
 which the interpreter does not run by default) before a device session spends its minutes on them. The launches
 `bench_triton_scan.py --pick` tries compile too, each printed with the registers per thread and the spill stores
-ptxas reports for it (the pick's list was chosen from these: no spills, fewer registers than the default).
+ptxas reports for it (the pick's list was chosen from these: none spills).
 
 The kernels must be the compiled kind (TRITON_INTERPRET unset when triton is imported), so the test runs this file
 as a script in a subprocess."""
@@ -70,15 +70,16 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     import triton
 
     binaries = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    log = f"no ptxas in {binaries}"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)
         for ptxas in ("ptxas-blackwell", "ptxas"):  # Triton 3.5 on ships two; the newer one reads its newer PTX
             if (binaries / ptxas).is_file():
                 done = subprocess.run([str(binaries / ptxas), "-v", "--gpu-name=sm_90a", "k.ptx", "-o", "k.o"],
                                       cwd=tmp, capture_output=True, text=True)
+                log = done.stderr
                 if done.returncode == 0:
                     break
-        log = done.stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     assert registers and spills, log
