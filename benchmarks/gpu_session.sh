@@ -13,10 +13,11 @@
 # BUILD_DEADLINE_S: seconds after start at which an unfinished kernel build is abandoned (default 180; the
 #     lean build took 40 s on 16 cores).
 # Environment: LEAN=0 builds the untrimmed kernels (default 1, see build_cuda_kernels.sh); SKIP_PURE=1 skips step 1.
-# Issue 18 (GPU scale) runs first and fits ~9 minutes on one H100 (step 0 below: scale_*.txt, bench_gpu_pairs.json,
-# bench_gpu_fused.json, train_100m.log) and prints the targets' verdicts (gpu_targets.py); the earlier sweeps
-# (steps 1-5) run after it only with FULL=1. Step 0 writes twelve files (build.log with KERNEL_SRC_DIR); where fewer can
-# be fetched back, write them to a scratch folder and pack it, inside the call's limit:
+# Issue 18 (GPU scale) runs first and fits ~9-10 minutes on one H100 (an estimate; step 0 below: scale_*.txt,
+# scan_launch.env, bench_gpu_pairs.json, bench_gpu_fused.json, train_100m.log, build.log with KERNEL_SRC_DIR) and
+# prints the targets' verdicts (gpu_targets.py); the earlier sweeps (steps 1-5) run after it only with FULL=1. Step 0
+# writes twelve files; where fewer can be fetched back, write them to a scratch folder and pack it, inside the call's
+# limit:
 #     benchmarks/gpu_wheels.sh .whl; benchmarks/gpu_kernel_sources.sh .kernels   # beforehand, on a machine with
 #                                          # PyPI; send .whl, .kernels and the shards along
 #     timeout 570 benchmarks/gpu_session.sh /tmp/s .kernels .whl runs/hopper/shards; tar czf RETURNED/s.tgz -C /tmp s
@@ -84,7 +85,7 @@ use_build() {
 }
 start_build
 
-# 0. Issue 18, GPU scale (~9 minutes on one H100; every step has its own time limit):
+# 0. Issue 18, GPU scale (~9-10 minutes on one H100, estimated; every step has its own time limit):
 #    a. the GPU tests of what it added: the triton scan against ref (both kernel pairs, compiled), the fused triton
 #       conv + SiLU against the PyTorch conv and the mixer against ref (forward and gradients); one pytest per file.
 #    (the kernel build, when KERNEL_SRC_DIR is given, runs beside a. and is waited for before b.)
