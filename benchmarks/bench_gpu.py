@@ -158,14 +158,16 @@ def mixer_throughput(backends: list[str]) -> list[dict]:
     return rows
 
 
-def atari_batch(batch: int, k: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device=DEVICE).manual_seed(0)
+def atari_batch(batch: int, k: int, device: str | None = None) -> dict[str, torch.Tensor]:
+    """A random Breakout-shaped training batch on `device` (default DEVICE)."""
+    device = device or DEVICE
+    g = torch.Generator(device=device).manual_seed(0)
     return {
-        "rtg": torch.rand(batch, k, device=DEVICE, generator=g) * 20,
-        "states": torch.randint(0, 256, (batch, k, 4, 84, 84), device=DEVICE, dtype=torch.uint8, generator=g),
-        "actions": torch.randint(0, 4, (batch, k), device=DEVICE, generator=g),
-        "timesteps": torch.randint(0, 1000, (batch, k), device=DEVICE, generator=g),
-        "mask": torch.ones(batch, k, dtype=torch.bool, device=DEVICE),
+        "rtg": torch.rand(batch, k, device=device, generator=g) * 20,
+        "states": torch.randint(0, 256, (batch, k, 4, 84, 84), device=device, dtype=torch.uint8, generator=g),
+        "actions": torch.randint(0, 4, (batch, k), device=device, generator=g),
+        "timesteps": torch.randint(0, 1000, (batch, k), device=device, generator=g),
+        "mask": torch.ones(batch, k, dtype=torch.bool, device=device),
     }
 
 
