@@ -50,6 +50,7 @@ from benchmarks.bench_gpu import ATARI, atari_batch  # noqa: E402
 from mambadm.config import load_config  # noqa: E402
 from mambadm.model import build_model  # noqa: E402
 from mambadm.model.dt import CausalSelfAttention  # noqa: E402
+from mambadm.model.sizes import preset_sizes  # noqa: E402
 from mambadm.ssm import conv_triton, scan_triton  # noqa: E402
 
 STATIC_BYTES_PER_PARAM = 16  # float32 weight + gradient + AdamW's exp_avg and exp_avg_sq
@@ -232,13 +233,17 @@ def table(rows: list[dict], batches: list[int], memory_gib: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["xxl", "100m", "300m", "1b"])
+    sizes = [size for size in preset_sizes("mambadm") if size in preset_sizes("dt")]  # the pairs
+    parser.add_argument("--sizes", nargs="+", choices=sizes, default=["xxl", "100m", "300m", "1b"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--k", type=int, default=30, help="context length in steps (3 tokens each)")
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--memory-gib", type=float, default=78.0)
     parser.add_argument("--json", type=Path, help="also write the rows (bytes by block) here")
     args = parser.parse_args(argv)
+    if args.k < 1 or min(args.batches) < 1 or args.memory_gib <= 0:
+        parser.error(f"--k, --batches and --memory-gib must be positive (got {args.k}, {args.batches}, "
+                     f"{args.memory_gib})")
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: folder {args.json.parent} does not exist")
     torch.set_flush_denormal(True)

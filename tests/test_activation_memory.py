@@ -108,11 +108,17 @@ def test_predictions_and_the_table(tmp_path, capsys):
         assert f"| xs | {row['variant']} | " in printed
 
 
-def test_refuses_a_json_path_in_a_missing_folder(tmp_path, capsys):
+@pytest.mark.parametrize("args, named", [
+    (["--json", "{tmp}/missing/rows.json"], "missing"),
+    (["--sizes", "2b"], "2b"),
+    (["--k", "0"], "--k"),
+    (["--batches", "64", "0"], "--batches"),
+])
+def test_refuses_bad_arguments_naming_them(args, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        am.main(["--sizes", "xs", "--json", str(tmp_path / "missing" / "rows.json")])
+        am.main(["--sizes", "xs"] + [a.format(tmp=tmp_path) for a in args])
     assert exit_info.value.code == 2
-    assert "missing" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 def test_nothing_outlives_a_measurement():
